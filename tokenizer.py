@@ -1,0 +1,348 @@
+"""Tokenizers: a SentencePiece BPE trained here, or OpenAI's tiktoken BPEs, behind one interface.
+
+    tok = Tokenizer.load("data/demo/pretrain")       # a dir holding tokenizer.model (or <name>.tiktoken)
+    tok = Tokenizer.load("tiktoken:gpt2")            # GPT-2 BPE from the local tiktoken cache
+    ids, mask = tok.render_chat([{"role": "user", "content": "1+1?"}], add_generation_prompt=True)
+
+Train one with `python prepare_data.py tokenizer --vocab_size=32768 --out=tok/tokenizer.model CORPUS...`.
+
+The SentencePiece model is a byte-level-safe BPE for Chinese and English:
+- byte fallback: a character outside the vocabulary becomes its UTF-8 bytes (<0xE4><0xBD><0xA0>),
+  so there is no unknown token and any string survives encode -> decode exactly;
+- identity normalization, no dummy prefix, no whitespace cleanup: tabs, runs of spaces and
+  newlines come back as they went in (SentencePiece's defaults would NFKC-normalize and squeeze them);
+- split_digits: "123" is 1 2 3, so arithmetic sees every digit;
+- BOS/EOS/PAD and the ChatML <|im_start|>/<|im_end|> are *control* symbols: they get ids but
+  SentencePiece never produces them from text, so a user typing "<|im_start|>" gets ordinary
+  tokens. (user_defined_symbols would be matched in text, which is exactly the injection hole.)
+
+Decoding is done here, not by SentencePiece: every id maps to its bytes (a byte piece to one byte,
+a normal piece to its text with U+2581 turned back into a space, a special id to nothing), and
+decode() is the UTF-8 decoding of the concatenation. That makes streaming trivial and exact:
+StreamDecoder feeds the same bytes through an incremental UTF-8 decoder, so it never emits half a
+character and there is no "leading space gets eaten" problem that per-token sp.decode() has.
+
+This file imports nothing from the project.
+"""
+import codecs
+import hashlib
+import io
+import itertools
+import os
+import shutil
+
+SPECIALS = ("<|im_start|>", "<|im_end|>")  # ChatML control symbols; BOS/EOS/PAD/UNK are SentencePiece's own
+ROLES = ("system", "user", "assistant")
+LOWLINE = "\u2581"  # SentencePiece's visible space; a literal one in text needs care (see _encode)
+
+
+class Tokenizer:
+    """Common part of both backends. Subclasses set the ids, `_bytes` and implement `_encode`."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    im_start_id: int
+    im_end_id: int
+    name: str          # what meta.json / config.json store: "tokenizer.model" (the file next to it) or "tiktoken:gpt2"
+    fingerprint: str   # sha256 of the model file: two data dirs with the same fingerprint share token ids
+    _bytes: list       # id -> bytes it decodes to (b"" for special ids)
+
+    @classmethod
+    def load(cls, path_or_name: str) -> "Tokenizer":
+        """A tokenizer.model file, a *.tiktoken file, a dir holding one, or "tiktoken:gpt2" / "tiktoken:cl100k_base"."""
+        p = str(path_or_name)
+        if p.startswith("tiktoken:"):
+            return TiktokenTokenizer.from_name(p[len("tiktoken:"):])
+        if os.path.isdir(p):
+            if os.path.isfile(os.path.join(p, "tokenizer.model")):
+                return SentencePieceTokenizer(os.path.join(p, "tokenizer.model"))
+            for enc in TIKTOKEN_ENCODINGS:
+                if os.path.isfile(os.path.join(p, enc + ".tiktoken")):
+                    return TiktokenTokenizer(os.path.join(p, enc + ".tiktoken"))
+            raise FileNotFoundError(f"no tokenizer in {p}: expected tokenizer.model or one of "
+                                    + ", ".join(e + ".tiktoken" for e in TIKTOKEN_ENCODINGS))
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"tokenizer not found: {p} (give a tokenizer.model, a dir holding one, "
+                                    "or tiktoken:gpt2 / tiktoken:cl100k_base)")
+        if p.endswith(".tiktoken"):
+            return TiktokenTokenizer(p)
+        return SentencePieceTokenizer(p)
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode(self, text: str, bos=False, eos=False) -> list[int]:
+        """Plain text to ids. Never produces a special id, whatever the text says."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() wants a str, got {type(text).__name__}")
+        ids = self._encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts, num_threads=None) -> list[list[int]]:
+        return [self._encode(t) for t in texts]
+
+    # -- decoding ------------------------------------------------------------------------------
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for; b"" for special ids and ids outside the vocabulary
+        (a model whose embedding was padded past vocab_size can still sample those)."""
+        return self._bytes[i] if 0 <= i < len(self._bytes) else b""
+
+    def decode(self, ids) -> str:
+        """Ids to text, special ids dropped. Invalid UTF-8 (a cut-off character) becomes U+FFFD."""
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+    # -- chat ----------------------------------------------------------------------------------
+    def render_chat(self, messages, add_generation_prompt=False) -> tuple[list[int], list[int]]:
+        """ChatML: BOS, then <|im_start|>{role}\\n{content}<|im_end|>\\n per message.
+
+        Returns (ids, mask): mask is 1 exactly on the tokens of assistant contents and on the
+        <|im_end|> that closes them (the model must learn to stop), 0 elsewhere, including the
+        "\\n" after <|im_end|> and the whole generation prompt <|im_start|>assistant\\n.
+        Content is encoded on its own, not glued to the header, so an assistant reply is tokenized
+        here exactly as it is when the model generates it after the generation prompt.
+        """
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+        ids, mask = [self.bos_id], [0]
+        newline = self._encode("\n")
+        for n, m in enumerate(messages, 1):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {n}: must be a dict with 'role' and 'content', got {m!r:.80}")
+            role, content = m["role"], m["content"]
+            if role not in ROLES:
+                raise ValueError(f"message {n}: role {role!r} is not one of {', '.join(ROLES)}")
+            if not isinstance(content, str):
+                raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__}")
+            head = [self.im_start_id] + self._encode(role + "\n")
+            body = self._encode(content)
+            learn = 1 if role == "assistant" else 0
+            ids += head + body + [self.im_end_id] + newline
+            mask += [0] * len(head) + [learn] * (len(body) + 1) + [0] * len(newline)
+        if add_generation_prompt:
+            head = [self.im_start_id] + self._encode("assistant\n")
+            ids += head
+            mask += [0] * len(head)
+        return ids, mask
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generated reply."""
+        return (self.im_end_id, self.eos_id)
+
+    def save(self, out_dir):
+        """Copy the model file into out_dir (atomically), so the dir is self-contained and offline."""
+        os.makedirs(out_dir, exist_ok=True)
+        dst = os.path.join(out_dir, self._file_name)
+        if os.path.abspath(dst) != os.path.abspath(self.path):
+            shutil.copyfile(self.path, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+        return dst
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name} vocab_size={self.vocab_size}>"
+
+    def __reduce__(self):  # pickle as "load this file again" (multiprocessing workers)
+        return type(self), (self.path,)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path):
+        import sentencepiece as spm
+        with open(path, "rb") as f:
+            proto = f.read()
+        self.path, self._file_name, self.name = path, "tokenizer.model", "tokenizer.model"
+        self.fingerprint = hashlib.sha256(proto).hexdigest()
+        self.sp = sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.vocab_size = sp.vocab_size()
+        self.bos_id, self.eos_id, self.pad_id = sp.bos_id(), sp.eos_id(), sp.pad_id()
+        self.im_start_id, self.im_end_id = (sp.piece_to_id(s) for s in SPECIALS)
+        for what, i in [("BOS", self.bos_id), ("EOS", self.eos_id), ("PAD", self.pad_id),
+                        *[(s, sp.piece_to_id(s)) for s in SPECIALS]]:
+            if i < 0 or not sp.is_control(i):
+                raise ValueError(f"{path}: {what} is not a control symbol; train it with train_tokenizer()")
+        byte_ids = {}
+        self._bytes = []
+        for i in range(self.vocab_size):
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):                       # "<0xE4>" -> b"\xe4"
+                byte_ids[int(piece[3:5], 16)] = i
+                self._bytes.append(bytes([int(piece[3:5], 16)]))
+            elif sp.is_control(i) or sp.is_unknown(i):
+                self._bytes.append(b"")
+            else:
+                self._bytes.append(piece.replace(LOWLINE, " ").encode("utf-8"))
+        if len(byte_ids) != 256:
+            raise ValueError(f"{path}: not trained with byte_fallback; train it with train_tokenizer()")
+        self._lowline = [byte_ids[b] for b in LOWLINE.encode("utf-8")]
+
+    def _encode(self, text):
+        # SentencePiece writes spaces as U+2581 internally, so a literal U+2581 in the text would
+        # come back as a space. Encode it as its three UTF-8 byte tokens instead (rare in real text).
+        if LOWLINE not in text:
+            return self.sp.encode(text)
+        ids = []
+        for k, part in enumerate(text.split(LOWLINE)):
+            ids += (self._lowline if k else []) + (self.sp.encode(part) if part else [])
+        return ids
+
+    def encode_batch(self, texts, num_threads=None):
+        # one C++ call for the whole batch; num_threads=1 inside multiprocessing workers
+        texts = list(texts)
+        out = self.sp.encode(texts, num_threads=num_threads or -1)
+        for k, t in enumerate(texts):
+            if LOWLINE in t:
+                out[k] = self._encode(t)
+        return out
+
+
+# tiktoken: the encodings we know, where their BPE file lives upstream, their split regex, and
+# our special ids. GPT-2 keeps <|endoftext|>=50256; cl100k keeps OpenAI's 100257 and its ChatML
+# ids 100264/100265. The tiktoken pip package downloads these files on first use; we never do:
+# the file must be in tiktoken's cache (filled by any earlier tiktoken.get_encoding on a machine
+# with network) or given as a path. gpt2 shares its BPE ranks with r50k_base.
+_R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_CL100K_PAT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+               r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+_BLOB = "https://openaipublic.blob.core.windows.net/encodings/"
+TIKTOKEN_ENCODINGS = {
+    # name: (url, pattern, {special: id})  -- BOS = EOS = <|endoftext|>, as GPT-2 used it
+    "gpt2": (_BLOB + "r50k_base.tiktoken", _R50K_PAT,
+             {"<|endoftext|>": 50256, "<|im_start|>": 50257, "<|im_end|>": 50258, "<|pad|>": 50259}),
+    "cl100k_base": (_BLOB + "cl100k_base.tiktoken", _CL100K_PAT,
+                    {"<|endoftext|>": 100257, "<|im_start|>": 100264, "<|im_end|>": 100265, "<|pad|>": 100266}),
+}
+
+
+def tiktoken_cache_path(url):
+    """Where tiktoken caches the file at url (same rule as tiktoken.load.read_file_cached)."""
+    import tempfile
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") \
+        or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
+
+
+class TiktokenTokenizer(Tokenizer):
+    @classmethod
+    def from_name(cls, enc):
+        if enc not in TIKTOKEN_ENCODINGS:
+            raise ValueError(f"unknown tiktoken encoding {enc!r}; known: {', '.join(TIKTOKEN_ENCODINGS)}")
+        url = TIKTOKEN_ENCODINGS[enc][0]
+        cached = tiktoken_cache_path(url)
+        if not os.path.isfile(cached):
+            raise FileNotFoundError(
+                f"tiktoken:{enc} needs its BPE file and we are offline: download {url} and pass its path "
+                f"(named {enc}.tiktoken), or put it at {cached} (tiktoken's cache; set TIKTOKEN_CACHE_DIR to move it)")
+        return cls(cached, enc)
+
+    def __init__(self, path, enc=None):
+        import base64
+        import tiktoken
+        enc = enc or os.path.basename(path)[:-len(".tiktoken")]
+        if enc not in TIKTOKEN_ENCODINGS:
+            raise ValueError(f"{path}: name the file after its encoding ({', '.join(TIKTOKEN_ENCODINGS)}).tiktoken")
+        with open(path, "rb") as f:
+            data = f.read()
+        # the .tiktoken format: one "<base64 token bytes> <rank>" per line; the rank is the id
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in data.splitlines() if ln)}
+        _, pattern, specials = TIKTOKEN_ENCODINGS[enc]
+        if max(ranks.values()) >= min(specials.values()):
+            raise ValueError(f"{path}: has ids up to {max(ranks.values())}, too many for a {enc} file")
+        self.path, self._file_name, self.name = path, enc + ".tiktoken", "tiktoken:" + enc
+        self.fingerprint = hashlib.sha256(data).hexdigest()
+        self.enc = tiktoken.Encoding(enc, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        self.vocab_size = max(specials.values()) + 1
+        self.bos_id = self.eos_id = specials["<|endoftext|>"]
+        self.pad_id, self.im_start_id, self.im_end_id = (specials[s] for s in ("<|pad|>", *SPECIALS))
+        self._bytes = [b""] * self.vocab_size  # ids not in ranks (gaps, specials) decode to nothing
+        for tok, rank in ranks.items():
+            self._bytes[rank] = tok
+
+    def __reduce__(self):
+        return type(self), (self.path, self.name[len("tiktoken:"):])
+
+    def _encode(self, text):
+        return self.enc.encode_ordinary(text)  # "ordinary": special-token text is plain text
+
+    def encode_batch(self, texts, num_threads=None):
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=num_threads or 8)
+
+
+class StreamDecoder:
+    """Incremental decode for streaming: push(id) returns only complete characters.
+
+    A Chinese character that fell back to bytes arrives as three tokens; the first two push()es
+    return "" and the third returns the character. "".join(pushes) + flush() == tok.decode(ids).
+    """
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id) -> str:
+        return self._utf8.decode(self.tok.token_bytes(int(token_id)))
+
+    def flush(self) -> str:
+        """End of stream: whatever is left (an incomplete character becomes U+FFFD). Resets."""
+        out = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return out
+
+
+# -- training ------------------------------------------------------------------------------------
+def _sentences(texts, max_chars=1000):
+    """Training 'sentences' for SentencePiece: texts cut into pieces of at most max_chars.
+    Not single lines: SentencePiece strips a sentence's trailing newline, so "\n" would never get
+    a token of its own; inside a piece it does."""
+    for text in texts:
+        text = text.replace(LOWLINE, " ")
+        for k in range(0, len(text), max_chars):
+            yield text[k:k + max_chars]
+
+
+def _read_files(files, block=1 << 20):
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            while block_text := f.read(block):
+                yield block_text
+
+
+def train_tokenizer(texts_or_files, vocab_size, out_path, max_sentences=500_000,
+                    character_coverage=0.9995, max_piece_length=16, seed=0, num_threads=None,
+                    verbose=False) -> Tokenizer:
+    """Train the SentencePiece BPE described at the top of this file and write out_path.
+
+    texts_or_files: a path, a list of paths of UTF-8 text files, or any iterable of strings.
+    The text is cut into pieces of up to 1000 characters and SentencePiece keeps a uniform random
+    sample (reservoir) of max_sentences of them, so memory stays bounded (~max_sentences KB) on a
+    big corpus; every piece is still read once.
+    """
+    import sentencepiece as spm
+    if isinstance(texts_or_files, (str, os.PathLike)):
+        texts_or_files = [texts_or_files]
+    it = iter(texts_or_files)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("train_tokenizer: no text given")
+    items = itertools.chain([first], it)
+    if isinstance(first, os.PathLike) or (isinstance(first, str) and "\n" not in first and os.path.isfile(first)):
+        texts = _read_files(items)
+    else:
+        texts = items
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(texts), model_writer=model,
+        model_type="bpe", vocab_size=vocab_size, character_coverage=character_coverage,
+        byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        split_by_whitespace=True, split_by_unicode_script=True, allow_whitespace_only_pieces=True,
+        max_sentencepiece_length=max_piece_length, max_sentence_length=8192,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(SPECIALS),
+        num_threads=num_threads or os.cpu_count(), minloglevel=0 if verbose else 2)
+    d = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(d, exist_ok=True)
+    with open(out_path + ".tmp", "wb") as f:
+        f.write(model.getvalue())
+    os.replace(out_path + ".tmp", out_path)
+    return SentencePieceTokenizer(out_path)
