@@ -10,7 +10,7 @@ globals (config/tiny.py), an argument --key=value overrides one global. Later ar
     python pretrain.py config/tiny.py --batch_size=8 --lr=1e-3 --compile=true
 
 The config keys are the globals defined before the call whose values are int, float, bool, str,
-None, tuple or list and whose names do not start with '_'. configure() returns them as a dict (what
+None, tuple or list, except names starting with '_' and UPPER_CASE constants. configure() returns them as a dict (what
 common.setup saves as config.json) and prints them. It fixes nanoGPT's known faults:
   - an int is accepted where the default is a float (--lr=1 means 1.0);
   - a key whose default is None accepts any value (a Python literal, else the text as a string);
@@ -32,7 +32,7 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 def config_keys(g):
     """The names in a globals dict that are config keys (see the module docstring)."""
     return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)
-            and not (k.isupper() and k != k.lower())]  # CONSTANTS are not config
+            and not k.isupper()]  # UPPER_CASE names are constants (IGNORE_INDEX), not config
 
 
 def _unknown(key, keys, where):
@@ -43,7 +43,7 @@ def _unknown(key, keys, where):
 
 def _coerce(key, value, default, where):
     """Check a Python value against the default's type; ints are fine for floats."""
-    if default is None or value is None and default is None:
+    if default is None:
         return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)

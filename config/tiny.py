@@ -12,3 +12,27 @@ max_seq_len = 256
 rope_theta = 10000.0
 tie_embeddings = True
 dropout = 0.0
+
+# data: the demo world (python prepare_data.py demo), ~0.3M training tokens
+data_dir = "data/demo/pretrain"
+out_dir = "out/pretrain"
+# 16 x 256 = 4096 tokens per step; 600 steps = 2.5M tokens, about 8 passes over the demo corpus,
+# whose facts are stated many times over: the model needs several passes to learn them.
+batch_size = 16
+grad_accum = 1
+# A small model takes a larger lr than the 1B recipe (its lr ~1e-3): 2e-3 with a short warmup,
+# cosine down to 10%.
+lr = 2e-3
+min_lr = 2e-4
+warmup_steps = 50
+max_steps = 600
+lr_schedule = "cosine"
+eval_interval = 100
+eval_iters = 10
+log_interval = 20
+sample_tokens = 40
+# CPU: bf16 autocast where the CPU has native bf16 (dtype auto), no compile (minutes of compiling
+# for a run of minutes)
+device = "auto"
+dtype = "auto"
+compile = False
