@@ -1,0 +1,276 @@
+"""Direct Preference Optimization (DPO): learn from preference pairs without a reward model.
+
+    python dpo.py                                            # demo world on a CPU: out/sft -> out/dpo, minutes
+    torchrun --nproc_per_node=8 dpo.py --init_from=out/sft-1b --out_dir=out/dpo-1b \
+        --data=data/prefs/pairs.jsonl --dev_data=data/prefs/pairs_dev.jsonl --answer_data=data/chat/sft_dev.jsonl
+
+Each line of `data` is {"prompt": str or messages, "chosen": str, "rejected": str}. The policy and a
+frozen reference both start as the SFT model (the reference stays in eval mode, without gradients;
+dropout is off in both so their log-probabilities compare like with like). With lp = the summed
+log-probability of the reply's tokens and its <|im_end|> given the prompt (prompt tokens excluded),
+for the policy and ref for the reference, the DPO loss (Rafailov et al. 2023, eq. 7) is
+
+    L = -log sigmoid(beta * ((lp_chosen - ref_chosen) - (lp_rejected - ref_rejected)))
+
+beta (default 0.1) sets how far the policy may move from the reference. label_smoothing eps > 0 gives
+conservative DPO (Mitchell 2023), for labels that are wrong with probability eps; loss_type=ipo gives
+IPO (Azar et al. 2023), a squared loss that does not push the margin to infinity; rpo_alpha > 0 adds
+the chosen reply's NLL (RPO, Pang et al. 2024). The implicit reward of a reply is beta * (lp - ref);
+like TRL we log rewards/chosen, rewards/rejected, rewards/accuracies (chosen reward > rejected) and
+rewards/margins, on training batches and on the dev pairs. Also on the dev pairs: likelihood_acc, how
+often the policy alone prefers the chosen reply (lp_c > lp_r; at step 0 that is the SFT model's
+preference accuracy, the baseline), and answer_acc, greedy replies to answer_data's chats matched
+exactly, to see that preference training does not hurt answering. Identical and over-long pairs are
+counted and skipped.
+Reads init_from/{ckpt.pt, tokenizer.model}, data, dev_data, answer_data; writes
+out_dir/{ckpt.pt, ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl}. SIGTERM or Ctrl-C saves
+and exits; --init_from=resume continues exactly where it stopped, against the same reference.
+"""
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die,
+                    generate_replies, generation_context, get_lr, grad_sync, load_checkpoint, print0,
+                    restore_checkpoint, save_checkpoint, set_lr, setup, shutdown, step_optimizer, stop_requested,
+                    unwrap, wrap_model)
+from configurator import configure
+from data_formats import DataError, read_jsonl
+from model import IGNORE_INDEX, ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------------------------
+# config
+init_from = "out/sft"    # the SFT run that gives both policy and reference, or 'resume' (continue out_dir)
+data = "data/demo/pairs.jsonl"
+dev_data = "data/demo/pairs_dev.jsonl"
+answer_data = "data/demo/sft_dev.jsonl"  # chats whose last reply is generated and scored ('' : skip)
+out_dir = "out/dpo"
+beta = 0.1
+label_smoothing = 0.0    # conservative DPO: eps, the assumed probability that a label is flipped
+loss_type = "sigmoid"    # sigmoid (DPO) | ipo
+rpo_alpha = 0.0          # > 0: add the chosen reply's per-token NLL with this weight (RPO), keeps it likely
+batch_size = 16          # pairs per micro-step per process
+grad_accum = 1
+lr = 5e-5
+min_lr = 5e-6
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+lr_schedule = "cosine"
+warmup_steps = 10
+max_steps = 150
+eval_interval = 50
+eval_answers = 0         # answer_data chats to score (0: all)
+answer_tokens = 64
+log_interval = 10
+keep_last = 1
+device = "auto"
+dtype = "auto"
+compile = False
+parallel = "ddp"
+seed = 1337
+
+
+def encode_pair(tokenizer, pair, max_len):
+    """(x_chosen, y_chosen, x_rejected, y_rejected): inputs and next-token targets of prompt + reply,
+    where the prompt is rendered with the generation prompt and the reply is its tokens and <|im_end|>
+    (exactly what render_chat marks as the assistant's). Targets inside the prompt are IGNORE_INDEX,
+    so only the reply's tokens are scored. None if a sequence has more than max_len inputs."""
+    prompt = tokenizer.render_chat(pair["prompt"], add_generation_prompt=True)[0]
+    out = []
+    for reply in (pair["chosen"], pair["rejected"]):
+        ids = prompt + tokenizer.encode(reply) + [tokenizer.im_end_id]
+        if len(ids) - 1 > max_len:
+            return None
+        out += [ids[:-1], [IGNORE_INDEX] * (len(prompt) - 1) + ids[len(prompt):]]
+    return tuple(out)
+
+
+def collate(examples, pad_id):
+    """Right-padded (x, y) of 2B rows: the chosen sequences, then the rejected ones."""
+    rows = [(e[0], e[1]) for e in examples] + [(e[2], e[3]) for e in examples]
+    T = max(len(x) for x, _ in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (xi, yi) in enumerate(rows):
+        x[i, :len(xi)], y[i, :len(yi)] = torch.tensor(xi), torch.tensor(yi)
+    return x, y
+
+
+def sequence_logprobs(logits, targets):
+    """log pi(reply | prompt) = sum_t log pi(y_t | x_{<=t}) over the positions whose target is not
+    IGNORE_INDEX (the reply's tokens), per row: (B,) float32."""
+    logp = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="none")
+    return logp.view(targets.shape).sum(-1)
+
+
+def dpo_loss(lp_c, lp_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, loss_type="sigmoid", rpo_alpha=0.0,
+             chosen_tokens=None):
+    """The preference loss over a batch of pairs, and TRL's reward statistics.
+        h = (lp_c - ref_c) - (lp_r - ref_r)                      (difference of policy/reference log-ratios)
+        sigmoid (DPO, cDPO): L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+        ipo:                 L = (h - 1 / (2 beta))^2
+        rpo_alpha > 0 (RPO, Pang et al. 2024) adds  alpha * (-lp_c / |y_c|),  the chosen reply's NLL per token
+    The implicit rewards are beta * (lp - ref); accuracies counts pairs whose chosen reward is higher."""
+    h = (lp_c - ref_c) - (lp_r - ref_r)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be sigmoid or ipo, not {loss_type!r}")
+    if rpo_alpha:
+        losses = losses + rpo_alpha * -lp_c / chosen_tokens
+    chosen, rejected = beta * (lp_c - ref_c).detach(), beta * (lp_r - ref_r).detach()
+    return losses.mean(), {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                           "rewards/accuracies": (chosen > rejected).float().mean(),
+                           "rewards/margins": (chosen - rejected).mean()}
+
+
+def main():
+    config = configure(globals())
+    ctx = setup(config)
+    catch_signals()
+
+    # policy and reference: both the SFT model; dropout off in both
+    resume = init_from == "resume"
+    src = out_dir if resume else init_from
+    ckpt = load_checkpoint(src)
+    model_cfg = ModelConfig.from_dict({**ckpt["model_config"], "dropout": 0.0})
+    tokenizer = Tokenizer.load(src)
+    model, ref = Transformer(model_cfg), Transformer(model_cfg)
+    ref_src = ckpt["reference"] if resume else src  # a resumed run keeps the reference it started from
+    ref.load_state_dict(load_checkpoint(ref_src)["model"] if resume else ckpt["model"])
+    ref.to(ctx.device).eval().requires_grad_(False)
+    if not resume:
+        model.load_state_dict(ckpt["model"])
+        print0(f"policy and reference from {src} (step {ckpt['step']}), {model.num_params() / 1e6:.2f}M parameters each")
+
+    try:
+        train_pairs, dev_pairs = read_jsonl(data, "pairs", log=print0), read_jsonl(dev_data, "pairs", log=print0)
+        chats = read_jsonl(answer_data, "sft", log=print0) if answer_data else []
+    except DataError as e:
+        die(str(e))
+    train, dev = ([e for e in (encode_pair(tokenizer, p, model_cfg.max_seq_len) for p in ps) if e]
+                  for ps in (train_pairs, dev_pairs))
+    print0(f"pairs: {len(train)} train, {len(dev)} dev; skipped as longer than {model_cfg.max_seq_len} tokens: "
+           f"{len(train_pairs) - len(train)} train, {len(dev_pairs) - len(dev)} dev "
+           f"(identical pairs are counted in the 'lines skipped' above)")
+    if not train or not dev:
+        die("no usable pairs left; raise max_seq_len or check the data")
+    qa = [(c["messages"][:-1], c["messages"][-1]["content"]) for c in chats if c["messages"][-1]["role"] == "assistant"]
+    qa = qa[:eval_answers or len(qa)]
+
+    model = wrap_model(model, ctx, parallel, compile)
+    optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
+    start_step, best = 0, -1.0  # best: the highest dev rewards/accuracies so far (ckpt_best.pt)
+    if resume:
+        restore_checkpoint(ctx, model, optimizer, ckpt)
+        start_step, best = ckpt["step"], ckpt["best"]
+        print0(f"resumed from {out_dir} at step {start_step}")
+    ckpt = None
+    if ctx.master:
+        tokenizer.save(out_dir)
+    logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
+    pairs_per_step = batch_size * grad_accum * ctx.world_size
+
+    def step_pairs(step):
+        """Indices of step `step`'s global batch in an endless stream of per-epoch shuffles of `train`."""
+        out = []
+        for i in range(step * pairs_per_step, (step + 1) * pairs_per_step):
+            epoch, k = divmod(i, len(train))
+            if k == 0 or not out:
+                order = list(range(len(train)))
+                random.Random(seed + epoch).shuffle(order)
+            out.append(order[k])
+        return out
+
+    def forward(batch):
+        """The pairs' DPO loss and statistics, from the summed reply log-probs of the policy (with
+        grad) and of the reference (without); plus the policy's own preference lp_c > lp_r."""
+        x, y = (t.to(ctx.device) for t in collate(batch, tokenizer.pad_id))
+        with ctx.autocast:
+            lp = sequence_logprobs(model(x)[0], y)
+            with torch.no_grad():
+                ref_lp = sequence_logprobs(ref(x)[0], y)
+        n = len(batch)
+        loss, stats = dpo_loss(lp[:n], lp[n:], ref_lp[:n], ref_lp[n:], beta, label_smoothing, loss_type, rpo_alpha,
+                               chosen_tokens=(y[:n] != IGNORE_INDEX).sum(-1))
+        return loss, stats, (lp[:n] > lp[n:]).float().mean()
+
+    @torch.no_grad()
+    def evaluate():
+        """DPO statistics over every dev pair; 'likelihood_acc': the policy alone prefers chosen
+        (lp_c > lp_r, the SFT model's preference accuracy at step 0); answer accuracy on qa."""
+        model.eval()
+        sums = torch.zeros(6, device=ctx.device)
+        for start in range(0, len(dev), batch_size * ctx.world_size):
+            ids = range(start + ctx.rank * batch_size, start + (ctx.rank + 1) * batch_size)
+            real = [dev[i] for i in ids if i < len(dev)]
+            loss, stats, likelihood_acc = forward(real or dev[:1])  # a rank past the end runs pair 0 with weight 0
+            sums += torch.stack([loss, *stats.values(), likelihood_acc]) * len(real)
+        with generation_context(model):
+            replies = generate_replies(unwrap(model), tokenizer, [m for m, _ in qa], answer_tokens) if qa else []
+        model.train()
+        sums = (all_reduce_mean(ctx, sums) * ctx.world_size / len(dev)).tolist()
+        keys = ["dev_loss", "dev_rewards/chosen", "dev_rewards/rejected", "dev_rewards/accuracies",
+                "dev_rewards/margins", "dev_likelihood_acc"]
+        record = dict(zip(keys, sums))
+        if qa:
+            record["answer_acc"] = sum(r.strip() == a.strip() for r, (_, a) in zip(replies, qa)) / len(qa)
+        return record
+
+    def save(step, is_best=False):
+        ck = checkpoint_state(ctx, model, optimizer, step=step, config=config, model_config=model_cfg.to_dict(),
+                              tokenizer=tokenizer.name, reference=ref_src, best=best)
+        if ctx.master:
+            save_checkpoint(out_dir, ck, keep_last, is_best)
+
+    # -------------------------------------------------------------------------------------------
+    t0, timed = time.perf_counter(), 0
+    for step in range(start_step, max_steps + 1):
+        if (step % eval_interval == 0 or step == max_steps) and not (resume and step == start_step):
+            record = evaluate()
+            logger.log({"step": step, **record})
+            acc = record["dev_rewards/accuracies"]
+            is_best, best = acc > best, max(best, acc)
+            if step > start_step:
+                save(step, is_best)
+            t0, timed = time.perf_counter(), 0
+        if step == max_steps:
+            break
+        lr_now = get_lr(step, config)
+        set_lr(optimizer, lr_now)
+        ids = step_pairs(step)
+        sums = torch.zeros(5, device=ctx.device)
+        for micro in range(grad_accum):
+            mine = ids[(micro * ctx.world_size + ctx.rank) * batch_size:][:batch_size]
+            grad_sync(model, micro == grad_accum - 1)
+            loss, stats, _ = forward([train[i] for i in mine])
+            ctx.scaler.scale(loss / grad_accum).backward()
+            sums += torch.stack([loss.detach(), *stats.values()]) / grad_accum
+        grad_norm = step_optimizer(model, optimizer, ctx.scaler, grad_clip)
+        record = dict(zip(["loss", *stats], all_reduce_mean(ctx, sums).tolist()))
+        if not math.isfinite(record["loss"]):
+            die(f"loss {record['loss']} at step {step + 1}: training diverged; try a lower lr")
+        timed += 1
+        if (step + 1) % log_interval == 0 or step == start_step:
+            dt = (time.perf_counter() - t0) / timed
+            logger.log({"step": step + 1, "max_steps": max_steps, **record, "lr": lr_now,
+                        "grad_norm": grad_norm.item(), "step_ms": 1000 * dt})
+            t0, timed = time.perf_counter(), 0
+        if stop_requested(ctx):
+            save(step + 1)
+            print0(f"stopped after step {step + 1}; continue with --init_from=resume")
+            break
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

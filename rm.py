@@ -1,0 +1,243 @@
+"""Reward model: the chat model plus a scalar head, trained on preference pairs (Bradley-Terry).
+
+    python rm.py                                             # demo world on a CPU: out/sft -> out/rm, minutes
+    torchrun --nproc_per_node=8 rm.py --init_from=out/sft-1b --out_dir=out/rm-1b \
+        --data=data/prefs/pairs.jsonl --dev_data=data/prefs/pairs_dev.jsonl --batch_size=8 --max_steps=2000
+
+Each line of `data` is {"prompt": str or messages, "chosen": str, "rejected": str}. A conversation
+(prompt turns, then the reply as the assistant's turn) is rendered with ChatML, the transformer reads
+it, and a Linear(dim, 1) head turns the final hidden state of its last token into a reward r. The
+loss is the Bradley-Terry negative log-likelihood of the human choice (Ouyang et al. 2022, eq. 1),
+with an optional margin m (Llama 2, Touvron et al. 2023) and an optional reward-centering term
+(Eisenstein et al. 2023) that keeps rewards near 0:
+
+    L = -log sigmoid(r_chosen - r_rejected - m) + center_coef * (r_chosen + r_rejected)^2
+
+Logs pair accuracy (r_chosen > r_rejected) and the mean margin r_chosen - r_rejected, on training
+batches and on the held-out dev pairs. Pairs whose chosen and rejected are identical (reported by
+data_formats line by line) or that do not fit max_seq_len are counted and skipped. Reads
+init_from/{ckpt.pt, tokenizer.model}, data, dev_data; writes out_dir/{ckpt.pt (transformer + reward_head),
+ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl}. grpo.py scores replies with it through
+common.load_reward_fn(out_dir) -> score(messages) -> float. SIGTERM or Ctrl-C saves and exits;
+--init_from=resume continues exactly where it stopped.
+"""
+import math
+import random
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die, get_lr,
+                    grad_sync, load_checkpoint, print0, restore_checkpoint, save_checkpoint, set_lr, setup, shutdown,
+                    step_optimizer, stop_requested, wrap_model)
+from configurator import configure
+from data_formats import DataError, read_jsonl
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------------------------
+# config
+init_from = "out/sft"    # the chat model to start from, or 'resume' (continue out_dir/ckpt.pt)
+data = "data/demo/pairs.jsonl"
+dev_data = "data/demo/pairs_dev.jsonl"
+out_dir = "out/rm"
+batch_size = 16          # pairs per micro-step per process (2 * batch_size sequences)
+grad_accum = 1
+margin = 0.0             # m in the loss: demand r_chosen - r_rejected > m (0: plain Bradley-Terry)
+center_coef = 0.0        # reward centering weight (Eisenstein et al. use 0.01; 0: off)
+lr = 1e-4
+min_lr = 1e-5
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+lr_schedule = "cosine"
+warmup_steps = 10
+max_steps = 200
+dropout = 0.0
+eval_interval = 50
+log_interval = 10
+keep_last = 1
+device = "auto"
+dtype = "auto"
+compile = False
+parallel = "ddp"
+seed = 1337
+
+
+class RewardModel(Transformer):
+    """The transformer with a scalar head: r = w . h_last + b, where h_last is the final (normed) hidden
+    state of each sequence's last real token. Padding sits after it, so causal attention keeps it out."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.reward_head = nn.Linear(cfg.dim, 1)
+        nn.init.normal_(self.reward_head.weight, std=1 / math.sqrt(cfg.dim + 1))  # Stiennon et al. 2020
+        nn.init.zeros_(self.reward_head.bias)
+        if not cfg.tie_embeddings:
+            self.output.weight.requires_grad_(False)  # the LM head is unused here (DDP wants every trained param used)
+
+    def forward(self, idx, lengths):
+        """idx (B, T) right-padded, lengths (B,) real lengths -> rewards (B,) float32."""
+        h = self.hidden_states(idx)
+        last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+        return self.reward_head(last).squeeze(-1).float()
+
+
+def rm_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
+    """Bradley-Terry loss over a batch of pairs, with accuracy and mean margin for the logs:
+        L = mean[ -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2 ]"""
+    loss = -F.logsigmoid(r_chosen - r_rejected - margin)
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected) ** 2
+    accuracy = (r_chosen > r_rejected).float().mean()
+    return loss.mean(), accuracy, (r_chosen - r_rejected).mean()
+
+
+def encode_pairs(tokenizer, pairs, max_len):
+    """[(chosen_ids, rejected_ids)]: each reply rendered as the assistant turn after the prompt. Pairs
+    longer than max_len tokens are skipped; returns (encoded, number skipped)."""
+    out, too_long = [], 0
+    for p in pairs:
+        c, r = (tokenizer.render_chat(p["prompt"] + [{"role": "assistant", "content": p[k]}])[0]
+                for k in ("chosen", "rejected"))
+        if max(len(c), len(r)) > max_len:
+            too_long += 1
+        else:
+            out.append((c, r))
+    return out, too_long
+
+
+def collate(pairs, pad_id):
+    """One right-padded batch of 2B sequences (the chosen ones, then the rejected ones) and their lengths."""
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    lengths = torch.tensor([len(s) for s in seqs])
+    idx = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = torch.tensor(s)
+    return idx, lengths
+
+
+def main():
+    config = configure(globals())
+    ctx = setup(config)
+    catch_signals()
+
+    resume = init_from == "resume"
+    src = out_dir if resume else init_from
+    ckpt = load_checkpoint(src)
+    model_cfg = ModelConfig.from_dict({**ckpt["model_config"], "dropout": dropout})
+    tokenizer = Tokenizer.load(src)
+    model = RewardModel(model_cfg)
+    if not resume:  # the chat model's weights; the head starts fresh
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        if unexpected or set(missing) - {"reward_head.weight", "reward_head.bias"}:
+            die(f"{src} does not fit this model: missing {missing}, unexpected {unexpected}")
+        print0(f"initialized from {src} (step {ckpt['step']}), {model.num_params() / 1e6:.2f}M parameters")
+
+    try:
+        train_pairs, dev_pairs = read_jsonl(data, "pairs", log=print0), read_jsonl(dev_data, "pairs", log=print0)
+    except DataError as e:
+        die(str(e))
+    (train, long_train), (dev, long_dev) = (encode_pairs(tokenizer, p, model_cfg.max_seq_len) for p in (train_pairs, dev_pairs))
+    print0(f"pairs: {len(train)} train, {len(dev)} dev; skipped as longer than {model_cfg.max_seq_len} tokens: "
+           f"{long_train} train, {long_dev} dev (identical pairs are counted in the 'lines skipped' above)")
+    if not train or not dev:
+        die("no usable pairs left; raise max_seq_len or check the data")
+
+    model = wrap_model(model, ctx, parallel, compile)
+    optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
+    start_step, best = 0, -1.0  # best: the highest dev accuracy so far (ckpt_best.pt)
+    if resume:
+        restore_checkpoint(ctx, model, optimizer, ckpt)
+        start_step, best = ckpt["step"], ckpt["best"]
+        print0(f"resumed from {out_dir} at step {start_step}")
+    ckpt = None
+    if ctx.master:
+        tokenizer.save(out_dir)
+    logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
+    pairs_per_step = batch_size * grad_accum * ctx.world_size
+
+    def step_pairs(step):
+        """Indices of step `step`'s global batch in an endless stream of per-epoch shuffles of `train`."""
+        out = []
+        for i in range(step * pairs_per_step, (step + 1) * pairs_per_step):
+            epoch, k = divmod(i, len(train))
+            if k == 0 or not out:
+                order = list(range(len(train)))
+                random.Random(seed + epoch).shuffle(order)
+            out.append(order[k])
+        return out
+
+    def rewards(batch):
+        idx, lengths = collate(batch, tokenizer.pad_id)
+        with ctx.autocast:
+            r = model(idx.to(ctx.device), lengths.to(ctx.device))
+        return r[:len(batch)], r[len(batch):]
+
+    @torch.no_grad()
+    def evaluate():
+        """Loss, accuracy and mean margin over every dev pair (each rank takes every world_size-th batch)."""
+        model.eval()
+        sums = torch.zeros(3, device=ctx.device)
+        for start in range(0, len(dev), batch_size * ctx.world_size):
+            # every rank runs the same number of forwards (FSDP needs that): ranks past the end redo
+            # pair 0 with weight 0
+            ids = list(range(start + ctx.rank * batch_size, start + (ctx.rank + 1) * batch_size))
+            real = [i for i in ids if i < len(dev)]
+            r_c, r_r = rewards([dev[i] for i in real] or dev[:1])
+            loss, acc, mar = rm_loss(r_c, r_r, margin, center_coef)
+            sums += torch.stack([loss, acc, mar]) * len(real)
+        model.train()
+        return (all_reduce_mean(ctx, sums) * ctx.world_size / len(dev)).tolist()
+
+    def save(step, is_best=False):
+        ck = checkpoint_state(ctx, model, optimizer, step=step, config=config, model_config=model_cfg.to_dict(),
+                              tokenizer=tokenizer.name, best=best)
+        if ctx.master:
+            save_checkpoint(out_dir, ck, keep_last, is_best)
+
+    # -------------------------------------------------------------------------------------------
+    t0, timed = time.perf_counter(), 0
+    for step in range(start_step, max_steps + 1):
+        if (step % eval_interval == 0 or step == max_steps) and not (resume and step == start_step):
+            dev_loss, dev_acc, dev_margin = evaluate()
+            logger.log({"step": step, "dev_loss": dev_loss, "dev_accuracy": dev_acc, "dev_margin": dev_margin})
+            is_best, best = dev_acc > best, max(best, dev_acc)
+            if step > start_step:
+                save(step, is_best)
+            t0, timed = time.perf_counter(), 0
+        if step == max_steps:
+            break
+        lr_now = get_lr(step, config)
+        set_lr(optimizer, lr_now)
+        ids = step_pairs(step)
+        stats = torch.zeros(3, device=ctx.device)
+        for micro in range(grad_accum):
+            mine = ids[(micro * ctx.world_size + ctx.rank) * batch_size:][:batch_size]
+            grad_sync(model, micro == grad_accum - 1)
+            r_c, r_r = rewards([train[i] for i in mine])
+            loss, acc, mar = rm_loss(r_c, r_r, margin, center_coef)
+            ctx.scaler.scale(loss / grad_accum).backward()
+            stats += torch.stack([loss.detach(), acc, mar.detach()]) / grad_accum
+        grad_norm = step_optimizer(model, optimizer, ctx.scaler, grad_clip)
+        train_loss, train_acc, train_margin = all_reduce_mean(ctx, stats).tolist()
+        if not math.isfinite(train_loss):
+            die(f"loss {train_loss} at step {step + 1}: training diverged; try a lower lr")
+        timed += 1
+        if (step + 1) % log_interval == 0 or step == start_step:
+            dt = (time.perf_counter() - t0) / timed
+            logger.log({"step": step + 1, "max_steps": max_steps, "loss": train_loss, "accuracy": train_acc,
+                        "margin": train_margin, "lr": lr_now, "grad_norm": grad_norm.item(), "step_ms": 1000 * dt})
+            t0, timed = time.perf_counter(), 0
+        if stop_requested(ctx):
+            save(step + 1)
+            print0(f"stopped after step {step + 1}; continue with --init_from=resume")
+            break
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
