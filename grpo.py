@@ -1,0 +1,424 @@
+"""GRPO: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) with verifiable rewards,
+a reward model, or both.
+
+    python grpo.py --init_from=out/sft                                   # demo world, laptop CPU, minutes
+    python grpo.py config/grpo_tiny.py --init_from=out/sft               # the lean demo config
+    python grpo.py --init_from=out/sft --reward=rm:out/rm --beta=0.1     # score with rm.py's reward model
+    python grpo.py --reward=rule:1.0,format:0.1,rm:out/rm:0.5            # a weighted sum of several
+    torchrun --nproc_per_node=8 grpo.py --init_from=out/sft --data=gsm8k_train.jsonl \
+        --eval_data=gsm8k_test.jsonl --max_new_tokens=256 --lr=1e-6      # GPUs
+
+Each step takes a batch of prompts (each process its own), samples G completions per prompt in one
+batched generation, scores them, turns each group's scores into advantages relative to the group, and
+takes mu gradient steps on the clipped surrogate minus beta times a KL estimate to the frozen starting
+model (the reference). Greedy pass@1 on held-out prompts is measured before training and every
+eval_interval steps. Reads init_from/{ckpt.pt, tokenizer.model} (sft or dpo), data and eval_data (jsonl
+{"prompt": str or messages, "answer": str}, or GSM8K {"question", "answer": "... #### n"}) and, for
+rm:DIR, a reward model dir. Writes out_dir/{ckpt.pt, ckpt_best.pt (best held-out accuracy),
+tokenizer.model, config.json, metrics.jsonl}. SIGTERM or Ctrl-C saves and exits; --init_from=resume
+continues exactly where it stopped.
+"""
+import copy
+import functools
+import os
+import re
+import time
+import unicodedata
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die,
+                    get_lr, grad_sync, load_checkpoint, load_model, load_reward_fn, print0, restore_checkpoint,
+                    save_checkpoint, set_lr, setup, shutdown, step_optimizer, stop_requested, unwrap, wrap_model)
+from configurator import configure
+from data_formats import DataError, read_jsonl
+from model import IGNORE_INDEX
+
+# -----------------------------------------------------------------------------------------------
+# config: defaults work on the demo world; config/*.py and --key=value override
+# I/O
+init_from = "out/sft"      # policy and reference start here (an sft or dpo out dir); 'resume': continue out_dir
+out_dir = "out/grpo"
+data = "data/demo/grpo.jsonl"           # training prompts with answers
+eval_data = "data/demo/grpo_dev.jsonl"  # held-out prompts for greedy pass@1 ('' : none)
+# reward: comma-separated terms NAME[:ARG][:WEIGHT] (weight 1 if absent), summed:
+#   rule     1 if the reply's final number equals the answer (within num_tol), else 0
+#   format   1 if the reply ended by itself (<|im_end|>) and has a final number to check, else 0
+#   rm:DIR   the score of rm.py's reward model in DIR
+# e.g. "rule", "rm:out/rm", "rule,format:0.1", "rule:1.0,rm:out/rm:0.5"
+reward = "rule"
+num_tol = 1e-6             # numbers match if |pred - answer| <= num_tol * max(1, |answer|)
+# rollouts
+prompts_per_step = 8       # prompts per process per step
+group_size = 8             # G completions per prompt
+max_new_tokens = 48
+temperature = 1.0          # sampling temperature; log-probs are computed at this temperature too
+top_p = 1.0
+# objective (see grpo_loss)
+mu = 1                     # optimization passes over each batch of rollouts (1: fully on-policy)
+micro_batch = 64           # completions per forward/backward (gradients add up)
+eps_low = 0.2              # ratio clipped below at 1 - eps_low ...
+eps_high = 0.2             # ... and above at 1 + eps_high (DAPO clip-higher: 0.28)
+beta = 0.04                # KL penalty weight (0: no reference model is kept at all)
+scale_rewards = True       # divide advantages by the group's std (False: Dr. GRPO)
+loss_norm = "sequence"     # sequence (GRPO) | token (DAPO) | constant (Dr. GRPO)
+adv_eps = 1e-4
+# AdamW and schedule
+lr = 5e-5
+min_lr = 5e-5
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+lr_schedule = "constant"
+warmup_steps = 0
+max_steps = 100
+stop_at_step = 0           # > 0: save and exit after this step, as a preempted job would
+# evaluation, logging, checkpoints
+eval_interval = 20         # greedy pass@1 on eval_data and a checkpoint every this many steps
+eval_batch = 128           # held-out prompts per generation batch
+log_interval = 1
+keep_last = 2
+# system
+device = "auto"            # auto | cpu | cuda | cuda:N | mps
+dtype = "auto"             # auto | bfloat16 | float16 | float32
+compile = False
+seed = 1337
+# -----------------------------------------------------------------------------------------------
+# the pieces a reader came for (and tests import): verifier, advantages, loss
+
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def extract_answer(text):
+    """The final answer of a reply as a string of digits, or None: the number right after the last
+    '####' (GSM8K) when the reply has one, else the last number in it. English and Chinese replies alike
+    ("53 + 1 = 54." and "53加1等于54。" give "54"); full-width digits are normalized (NFKC), '1,234' is 1234."""
+    text = unicodedata.normalize("NFKC", text)
+    if "####" in text:
+        m = NUMBER.match(text.rsplit("####", 1)[1].strip())
+        return m.group().replace(",", "") if m else None  # a '####' line without a number is malformed
+    nums = NUMBER.findall(text)
+    return nums[-1].replace(",", "") if nums else None
+
+
+def is_correct(reply, answer, tol=1e-6):
+    """Rule verifier: numeric equality within tol * max(1, |answer|) when the answer is a number (a GSM8K
+    answer may still hold its '#### n' line), else exact match ignoring case, spaces and a final period."""
+    gold = extract_answer(answer) if "####" in answer else answer.strip().replace(",", "")
+    try:
+        g = float(gold)
+    except (TypeError, ValueError):
+        def norm(s):
+            return " ".join(s.lower().split()).rstrip(".。")
+        return norm(reply) == norm(answer)
+    pred = extract_answer(reply)
+    return pred is not None and abs(float(pred) - g) <= tol * max(1.0, abs(g))
+
+
+def parse_reward(spec):
+    """'rule:1.0,rm:out/rm:0.5' -> [('rule', None, 1.0), ('rm', 'out/rm', 0.5)] (see the reward option)."""
+    terms = []
+    for term in spec.split(","):
+        parts, weight = term.strip().split(":"), 1.0
+        if len(parts) > 1:
+            try:
+                weight, parts = float(parts[-1]), parts[:-1]
+            except ValueError:
+                pass
+        name, arg = parts[0], ":".join(parts[1:]) or None
+        if name not in ("rule", "format", "rm") or (name == "rm") != (arg is not None):
+            raise ValueError(f"reward term {term!r}: expected rule, format or rm:DIR, each optionally "
+                             f"followed by :WEIGHT (e.g. rule:1.0,rm:out/rm:0.5)")
+        terms.append((name, arg, weight))
+    return terms
+
+
+def completion_mask(tokens, stop_ids):
+    """True on each sampled token up to and including the first stop token (<|im_end|> or EOS) of its row,
+    False after it: what generate() samples for a row that already stopped is padding, not a completion."""
+    is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device)).long()
+    return (torch.cumsum(is_stop, dim=1) - is_stop) == 0
+
+
+def build_batch(prompts, completions):
+    """(idx, targets) (N, T) for prompt + completion token lists, right-padded: targets[t] = idx[t + 1] on
+    completion tokens (stop token included), IGNORE_INDEX on prompt tokens and padding."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    idx = torch.zeros(len(seqs), max(map(len, seqs)) - 1, dtype=torch.long)
+    targets = torch.full_like(idx, IGNORE_INDEX)
+    for i, (s, c) in enumerate(zip(seqs, completions)):
+        idx[i, :len(s) - 1] = torch.tensor(s[:-1])
+        targets[i, len(s) - 1 - len(c):len(s) - 1] = torch.tensor(c)
+    return idx, targets
+
+
+def group_advantages(rewards, group_size, scale=True, eps=1e-4):
+    """Outcome-supervised advantages (DeepSeekMath sec. 4.1.2): every token of completion i gets
+    A_i = (r_i - mean(r)) / (std(r) + eps) over the G completions of its prompt. scale=False is Dr. GRPO
+    (Liu et al. 2025), A_i = r_i - mean(r): dividing by std up-weights prompts whose rewards barely differ
+    (nearly always right or always wrong), a difficulty bias. A group whose rewards are all equal carries
+    no signal: its advantages are exactly 0. Returns (A (N,), zero_std (N/G,) bool)."""
+    r = rewards.view(-1, group_size).float()
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    zero_std = (r == r[:, :1]).all(dim=1)
+    return adv.masked_fill(zero_std[:, None], 0.0).flatten(), zero_std
+
+
+def logprobs_and_entropy(logits, targets, temperature=1.0):
+    """log pi(targets[t]) under softmax(logits / temperature), 0 where targets is IGNORE_INDEX: the numbers
+    Transformer.token_logprobs gives, from logits of the DDP-wrapped forward (so gradients are synced), and
+    the entropy of that distribution at each position (no gradient; for the log)."""
+    logits = logits.float() / temperature
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    with torch.no_grad():
+        logq = F.log_softmax(logits, dim=-1)
+        entropy = -(logq.exp() * logq).sum(-1)
+    return -nll.view(targets.shape), entropy
+
+
+# DeepSeekMath (Shao et al. 2024), eq. 3, which we maximize:
+#   J(theta) = E_{q, {o_i} ~ pi_old(.|q)} 1/G sum_i 1/|o_i| sum_t {
+#                 min(rho_it A_it, clip(rho_it, 1 - eps, 1 + eps) A_it) - beta D_KL[pi_theta || pi_ref] }
+#   rho_it = pi_theta(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)
+#   D_KL   = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1       (k3 estimator, eq. 4: unbiased, always >= 0)
+# Options, and why:
+#   eps_low/eps_high (DAPO clip-higher, Yu et al. 2025): a larger upper bound lets a token the policy gives
+#     low probability grow by more in one update, so entropy does not collapse early;
+#   loss_norm "sequence" is the 1/|o_i| above: a token of a long reply weighs less, so a long wrong reply
+#     is penalized less per token and replies drift longer (Dr. GRPO's length bias). "token" (DAPO) divides
+#     the sum over all tokens by the batch's token count: every token weighs the same. "constant" (Dr. GRPO)
+#     divides by (number of completions x max_new_tokens), which no reply's length can change.
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0, loss_norm="sequence",
+              n_seqs=None, n_tokens=None, max_len=None):
+    """-J for a (micro-)batch of completions: logp (B, T) with gradient, old_logp and ref_logp (B, T) without
+    (ref_logp None when beta == 0), adv (B,), mask (B, T) 1 on completion tokens. n_seqs / n_tokens: the
+    completions and completion tokens of the whole batch over all micro-batches and ranks (default: this
+    one), so micro-batches add up to the full-batch loss. Returns (loss, sums of KL and of clipped tokens)."""
+    mask = mask.float()
+    n_seqs = logp.shape[0] if n_seqs is None else n_seqs
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
+    clipped = ((ratio > 1 + eps_high) & (a > 0)) | ((ratio < 1 - eps_low) & (a < 0))  # zero-gradient tokens
+    objective, kl = surrogate, torch.zeros_like(logp)
+    if ref_logp is not None:
+        log_r = ref_logp - logp
+        kl = torch.exp(log_r) - log_r - 1
+        objective = surrogate - beta * kl
+    per_token = -objective * mask
+    if loss_norm == "sequence":
+        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    elif loss_norm == "token":
+        loss = per_token.sum() / n_tokens
+    elif loss_norm == "constant":
+        loss = per_token.sum() / (n_seqs * max_len)
+    else:
+        raise ValueError(f"loss_norm must be sequence, token or constant, not {loss_norm!r}")
+    return loss, {"kl": (kl.detach() * mask).sum(), "clipped": (clipped * mask).sum()}
+
+
+# -----------------------------------------------------------------------------------------------
+
+def main():
+    config = configure(globals())
+    ctx = setup(config)
+    catch_signals()
+    try:
+        terms = parse_reward(reward)
+    except ValueError as e:
+        die(str(e))
+    if group_size < 2:
+        die("group_size must be at least 2: advantages compare the completions of one prompt")
+
+    # models: the policy, and a frozen copy of where it started (the reference for the KL term)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    resume = init_from == "resume"
+    start_dir = load_checkpoint(ckpt_path)["ref_from"] if resume else init_from
+    policy, tokenizer, _ = load_model(start_dir, ctx.device)
+    ref = copy.deepcopy(policy).requires_grad_(False) if beta > 0 else None
+    # eval mode throughout: no dropout, so the log-probs we train on are those of the sampling policy
+    model = wrap_model(policy, ctx, "ddp", compile)
+    raw = unwrap(model)
+    optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
+    start_step, eval_done, best_acc = 0, False, -1.0
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        restore_checkpoint(ctx, model, optimizer, ckpt)
+        start_step, eval_done, best_acc = ckpt["step"], ckpt.get("eval_done", False), ckpt.get("best_acc", -1.0)
+        print0(f"resumed from {ckpt_path} at step {start_step}")
+        del ckpt
+    reward_fns = {arg: load_reward_fn(arg, ctx.device) for name, arg, _ in terms if name == "rm"}
+    stop_ids = tokenizer.stop_ids
+    print0(f"policy: {raw.num_params() / 1e6:.2f}M parameters from {start_dir}; reward {terms}; "
+           f"{ctx.world_size} process(es) on {ctx.device}, {ctx.dtype}")
+
+    # data: prompts rendered in the chat template, ending with the assistant generation prompt
+    def load(path):
+        try:
+            recs = read_jsonl(path, "prompts", log=print0)
+        except DataError as e:
+            die(str(e))
+        for r in recs:
+            r["ids"] = tokenizer.render_chat(r["prompt"], add_generation_prompt=True)[0]
+        kept = [r for r in recs if len(r["ids"]) + max_new_tokens <= raw.cfg.max_seq_len]
+        if len(kept) < len(recs):
+            print0(f"{path}: {len(recs) - len(kept)} prompts skipped, too long for max_seq_len - max_new_tokens")
+        if not kept:
+            die(f"{path}: no prompt fits max_seq_len={raw.cfg.max_seq_len} with max_new_tokens={max_new_tokens}")
+        return kept
+    train_set = load(data)
+    eval_set = load(eval_data) if eval_data else []
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(epoch):
+        return np.random.default_rng((seed, epoch)).permutation(len(train_set))
+
+    def step_prompts(step):
+        """This rank's prompts at a step: its slice of consecutive prompts of a fresh shuffle per epoch,
+        a function of (seed, step) so a resumed run sees exactly the prompts it would have."""
+        first = (step * ctx.world_size + ctx.rank) * prompts_per_step
+        return [train_set[epoch_order(i // len(train_set))[i % len(train_set)]] for i in range(first, first + prompts_per_step)]
+
+    @torch.no_grad()
+    def sample(prompt_ids, G, temp, generator=None):
+        """G completions per prompt in one batched generation: (tokens (N, T), mask (N, T)), row r answers
+        prompt r // G; mask is False after each row's first stop token."""
+        # in the weights' dtype, no autocast: generate's KV cache is allocated in that dtype
+        steps = list(raw.generate(prompt_ids, max_new_tokens, temp, None, top_p if temp else None,
+                                  stop_ids=stop_ids, num_samples=G, generator=generator))
+        tokens = torch.stack([t for t, _ in steps], dim=1)
+        return tokens, completion_mask(tokens, stop_ids)
+
+    @torch.no_grad()
+    def evaluate():
+        """Greedy pass@1: the fraction of held-out prompts whose greedy reply the verifier accepts."""
+        right = torch.zeros(2, device=ctx.device)
+        mine, shown = eval_set[ctx.rank::ctx.world_size], False
+        for i in range(0, len(mine), eval_batch):
+            batch = mine[i:i + eval_batch]
+            tokens, mask = sample([r["ids"] for r in batch], 1, 0.0)
+            for rec, row, m in zip(batch, tokens, mask):
+                text = tokenizer.decode(row[m].tolist())
+                right[0] += is_correct(text, rec["answer"], num_tol)
+                if not shown:
+                    print0(f"  eval: {rec['prompt'][-1]['content']!r} -> {text!r} (answer {rec['answer']})")
+                    shown = True
+            right[1] += len(batch)
+        right = all_reduce_mean(ctx, right) * ctx.world_size
+        return (right[0] / right[1]).item()
+
+    def save(step, best_acc, is_best=False, eval_done=False):
+        """Checkpoint after `step` steps (collective: every rank gathers, rank 0 writes)."""
+        ckpt = checkpoint_state(ctx, model, optimizer, step=step, eval_done=eval_done, config=config,
+                                model_config=raw.cfg.to_dict(), tokenizer=tokenizer.name, stage="grpo",
+                                ref_from=start_dir, best_acc=best_acc, scaler=ctx.scaler.state_dict())
+        if ctx.master:
+            save_checkpoint(out_dir, ckpt, keep_last, is_best)
+
+    if ctx.master:
+        tokenizer.save(out_dir)
+    logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
+    model.eval()
+
+    # -------------------------------------------------------------------------------------------
+    # training loop
+    step = start_step
+    while True:
+        if (step % eval_interval == 0 or step == max_steps) and not (step == start_step and eval_done):
+            is_best = False
+            if eval_set:
+                acc = evaluate()
+                is_best, best_acc = acc > best_acc, max(acc, best_acc)
+                logger.log({"step": step, "eval_pass@1": acc})
+            if step > start_step:
+                save(step, best_acc, is_best, eval_done=True)
+        if step >= max_steps:
+            break
+
+        # 1-2. this rank's prompts and G completions of each, sampled with a generator seeded by (seed, step, rank)
+        t0 = time.perf_counter()
+        recs = step_prompts(step)
+        gen = torch.Generator(ctx.device).manual_seed(int(np.random.SeedSequence([seed, step, ctx.rank]).generate_state(1)[0]))
+        tokens, cmask = sample([r["ids"] for r in recs], group_size, temperature, gen)
+        completions = [row[m].tolist() for row, m in zip(tokens, cmask)]
+        t_gen = time.perf_counter() - t0
+
+        # 3. rewards: the weighted sum of the reward terms; accuracy is always the rule verifier's
+        texts = [tokenizer.decode(c) for c in completions]
+        rec_of = [recs[i // group_size] for i in range(len(texts))]
+        correct = torch.tensor([float(is_correct(t, r["answer"], num_tol)) for t, r in zip(texts, rec_of)])
+        rewards = torch.zeros(len(texts))
+        for name, arg, weight in terms:
+            if name == "rule":
+                rewards += weight * correct
+            elif name == "format":
+                rewards += weight * torch.tensor([float(c[-1] in stop_ids and extract_answer(t) is not None)
+                                                  for c, t in zip(completions, texts)])
+            else:  # the reward model judges the conversation: prompt turns + this reply
+                rewards += weight * torch.tensor(reward_fns[arg](
+                    [r["prompt"] + [{"role": "assistant", "content": t}] for t, r in zip(texts, rec_of)]))
+
+        # 4. advantages within each group of G
+        adv, zero_std = group_advantages(rewards, group_size, scale_rewards, adv_eps)
+
+        # 5. the batch, and the loss over its completion tokens
+        idx, targets = (t.to(ctx.device) for t in build_batch([r["ids"] for r in rec_of], completions))
+        adv, mask = adv.to(ctx.device), targets != IGNORE_INDEX
+        n_tokens = all_reduce_mean(ctx, mask.sum().float()) * ctx.world_size  # over all ranks
+        n_seqs = len(completions) * ctx.world_size
+        chunks = [slice(i, i + micro_batch) for i in range(0, len(completions), micro_batch)]
+
+        # the log-probs the update is measured against: the reference's, and the rollout policy's (with
+        # mu = 1 the policy has not moved yet: they are the current ones, detached, and ratio = 1)
+        t1 = time.perf_counter()
+        with torch.no_grad(), ctx.autocast:
+            ref_lp = None if ref is None else torch.cat([ref.token_logprobs(idx[c], targets[c], temperature=temperature) for c in chunks])
+            old_lp = None if mu == 1 else torch.cat([raw.token_logprobs(idx[c], targets[c], temperature=temperature) for c in chunks])
+        lr_now = get_lr(step, config)
+        set_lr(optimizer, lr_now)
+        sums = torch.zeros(4, device=ctx.device)  # loss, KL, clipped tokens, entropy: summed over the mu passes
+        for _ in range(mu):
+            for k, c in enumerate(chunks):
+                grad_sync(model, k == len(chunks) - 1)  # all-reduce once per optimizer step
+                with ctx.autocast:
+                    logits, _ = model(idx[c])
+                logp, entropy = logprobs_and_entropy(logits, targets[c], temperature)
+                loss, st = grpo_loss(logp, logp.detach() if old_lp is None else old_lp[c],
+                                     None if ref_lp is None else ref_lp[c], adv[c], mask[c], eps_low, eps_high,
+                                     beta, loss_norm, n_seqs, n_tokens, max_new_tokens)
+                # the loss is normalized by counts over all ranks, and DDP averages gradients over ranks
+                ctx.scaler.scale(loss * ctx.world_size).backward()
+                sums += torch.stack([loss.detach() * ctx.world_size, st["kl"], st["clipped"], (entropy * mask[c]).sum()])
+            grad_norm = step_optimizer(model, optimizer, ctx.scaler, grad_clip)
+        t_train = time.perf_counter() - t1
+        step += 1
+
+        if step % log_interval == 0 or step == start_step + 1:  # sums over ranks, then ratios
+            stats = torch.tensor([rewards.sum(), (rewards ** 2).sum(), correct.sum(), zero_std.sum(), len(zero_std),
+                                  sum(map(len, completions)), idx.numel(), t_gen, t_train], dtype=torch.float64)
+            r_sum, r_sq, right, zero, groups, n_gen, n_train, t_g, t_t = (all_reduce_mean(ctx, stats.to(ctx.device)) * ctx.world_size).tolist()
+            loss_sum, kl_sum, clip_sum, ent_sum = (all_reduce_mean(ctx, sums) * ctx.world_size / mu).tolist()
+            n, tok = n_seqs, n_tokens.item()
+            record = {"step": step, "max_steps": max_steps, "loss": loss_sum, "reward": r_sum / n,
+                      "reward_std": max(0.0, r_sq / n - (r_sum / n) ** 2) ** 0.5, "acc": right / n, "zero_std": zero / groups,
+                      "kl": kl_sum / tok, "clip_frac": clip_sum / tok, "entropy": ent_sum / tok, "len": n_gen / n,
+                      "lr": lr_now, "grad_norm": grad_norm.item(), "gen_tok_s": n_gen * ctx.world_size / t_g,
+                      "train_tok_s": mu * n_train * ctx.world_size / t_t}
+            if ref is None:
+                del record["kl"]
+            logger.log(record)
+        if stop_requested(ctx) or step == stop_at_step:
+            save(step, best_acc)
+            print0(f"stopped after step {step}; continue with --init_from=resume")
+            break
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
