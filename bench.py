@@ -1,0 +1,321 @@
+"""Benchmarks that state their ceilings: every number is printed next to the limit it is bounded by,
+and that limit is measured on this machine in the same run (nothing is quoted from a datasheet
+except, on CUDA, the datasheet peak shown beside the measured one).
+
+    python bench.py train              # tokens/s and MFU of a training step vs the measured matmul peak
+    python bench.py decode             # batch-1 decode tokens/s vs the memory-bandwidth bound
+    python bench.py generate           # batched sampling: tokens/s of 1, 4, 8, 16 samples
+    python bench.py serve              # serve.py on loopback: aggregate tokens/s of 1, 4, 8 clients
+    python bench.py data               # prepare_data.py tokenization MB/s with 1..all cores
+    python bench.py all                # all of the above, sized for ~5 minutes on a 2-core CPU
+
+Each subcommand prints a table and appends one JSON line per measurement to --results
+(bench_results.jsonl). Options: --size (train: 15m | 50m | 1b, decode: 100m | ...), --dtype,
+--compile, --steps; `python bench.py train --help` lists them.
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+from common import measure_matmul_peak
+from model import ModelConfig, Transformer
+
+SIZES = {  # name -> model shape (vocab 32768 unless given: a real bilingual vocabulary)
+    "15m": dict(vocab_size=4096, dim=384, n_layers=8, n_heads=6, n_kv_heads=6),
+    "50m": dict(vocab_size=8192, dim=512, n_layers=12, n_heads=8, n_kv_heads=4),
+    "100m": dict(vocab_size=32768, dim=768, n_layers=12, n_heads=12, n_kv_heads=4),
+    "1b": dict(vocab_size=32768, dim=2048, n_layers=20, n_heads=16, n_kv_heads=8),
+}
+# Dense bf16 tensor-core peaks from the datasheets, shown next to the measured peak on CUDA.
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, min_seconds=1.0, min_iters=3):
+    """Seconds per call of fn, after one warm-up call, over at least min_seconds."""
+    fn()
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    while n < min_iters or time.perf_counter() - t0 < min_seconds:
+        fn()
+        n += 1
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def measure_bandwidth(device, nbytes=1 << 30):
+    """Bytes/s of streaming reads of a buffer far larger than any cache: the best of a reduction
+    (sum) and a copy (counted as read + write), a few times each. Decode reads every weight once
+    per token, so weight bytes / this is the fastest batch-1 decode can possibly be."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    y = torch.empty_like(x)
+    best = 0.0
+    for _ in range(3):
+        best = max(best, nbytes / timed(lambda: x.sum(), device, 0.3))
+        best = max(best, 2 * nbytes / timed(lambda: y.copy_(x), device, 0.3))
+    del x, y
+    return best
+
+
+def datasheet_peak(device):
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in DATASHEET_BF16.items() if k in name), None)
+
+
+def build(size, seq_len, device, dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SIZES[size], max_seq_len=max(seq_len, 64))
+    return Transformer(cfg).to(device=device, dtype=dtype)
+
+
+# ---- train: tokens/s and MFU -----------------------------------------------------------------------
+
+def bench_train(a, out):
+    device = a.device
+    peaks = {"bfloat16": measure_matmul_peak(device, torch.bfloat16),
+             "float32": measure_matmul_peak(device, torch.float32)}
+    for size in a.sizes.split(","):
+        for dtype in a.dtypes.split(","):
+            for compile_ in ([False, True] if a.compile == "both" else [a.compile == "on"]):
+                model = build(size, a.seq_len, device)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+                fwd = torch.compile(model) if compile_ else model
+                amp = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bfloat16"
+                       else contextlib.nullcontext())
+                x = torch.randint(0, model.cfg.vocab_size, (a.batch_size, a.seq_len + 1), device=device)
+
+                def step():
+                    with amp:
+                        _, loss = fwd(x[:, :-1], x[:, 1:])
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                step()  # compile happens here
+                dt = timed(step, device, a.seconds)
+                tok_s = a.batch_size * a.seq_len / dt
+                flops = model.flops_per_token(a.seq_len) * tok_s
+                row = dict(bench="train", size=size, params=model.num_params(), dtype=dtype, compile=compile_,
+                           batch=a.batch_size, seq_len=a.seq_len, step_ms=dt * 1e3, tokens_per_s=tok_s,
+                           achieved_tflops=flops / 1e12, peak_tflops=peaks[dtype] / 1e12, mfu=flops / peaks[dtype])
+                if str(device).startswith("cuda"):
+                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                    if datasheet_peak(device):
+                        row["mfu_datasheet"] = flops / datasheet_peak(device)
+                out(row, f"train {size:>4} {dtype:>8} compile={str(compile_):5}  {tok_s:10,.0f} tok/s  "
+                         f"{flops / 1e12:7.3f} TFLOP/s  MFU {row['mfu']:6.1%} of measured {dtype} peak "
+                         f"{peaks[dtype] / 1e12:.3f} TFLOP/s")
+                del model, opt, fwd
+
+
+# ---- decode: batch-1 tokens/s vs the bandwidth bound -------------------------------------------------
+
+def bench_decode(a, out):
+    device = a.device
+    bw = measure_bandwidth(device)
+    for dtype in a.dtypes.split(","):
+        for compile_ in ([False, True] if a.compile == "both" else [a.compile == "on"]):
+            model = build(a.size, 1024, device, getattr(torch, dtype)).eval()
+            if compile_:
+                for layer in model.layers:
+                    layer.compile(dynamic=True)
+            wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            prompt = [list(range(1, a.prompt_len + 1))]
+
+            def run():
+                for _ in model.generate(prompt, a.tokens, temperature=0):
+                    pass
+            run()  # warm-up (and compilation)
+            dt = min(timed(run, device, 0) for _ in range(a.repeats))
+            tok_s = a.tokens / dt
+            bound = bw / wbytes
+            out(dict(bench="decode", size=a.size, params=model.num_params(), dtype=dtype, compile=compile_,
+                     weight_mb=wbytes / 1e6, tokens_per_s=tok_s, bandwidth_gbs=bw / 1e9, bound_tokens_per_s=bound,
+                     fraction_of_bound=tok_s / bound),
+                f"decode {a.size} {dtype:>8} compile={str(compile_):5} {tok_s:8.1f} tok/s   bound "
+                f"{bound:7.1f} tok/s ({wbytes / 1e6:.0f} MB weights / {bw / 1e9:.1f} GB/s)  -> {tok_s / bound:6.1%}")
+            del model
+
+
+# ---- generate: batched sampling ----------------------------------------------------------------------
+
+def bench_generate(a, out):
+    model = build(a.size, 1024, a.device).eval()
+    prompt, base = [list(range(1, a.prompt_len + 1))], None
+    for n in (1, 4, 8, 16):
+        g = torch.Generator(device=a.device).manual_seed(0)
+
+        def run():
+            # stop_ids=() and a fixed length: every row produces exactly a.tokens tokens
+            for _ in model.generate(prompt, a.tokens, temperature=1.0, top_p=0.95, num_samples=n, generator=g):
+                pass
+        tok_s = n * a.tokens / min(timed(run, a.device, 0) for _ in range(a.repeats))
+        base = base or tok_s
+        out(dict(bench="generate", size=a.size, samples=n, tokens_per_s=tok_s, speedup_vs_1=tok_s / base),
+            f"generate {a.size} samples={n:>2}  {tok_s:8.1f} tok/s  {tok_s / base:5.2f}x of 1 sample")
+
+
+# ---- serve: concurrent streaming clients on loopback -------------------------------------------------
+
+def make_out_dir(size, path):
+    """A random-weight model of the given size with the demo tokenizer, saved like a training run."""
+    from common import save_checkpoint
+    from tokenizer import Tokenizer, train_tokenizer
+    tok_path = "data/demo/pretrain/tokenizer.model"
+    if os.path.isfile(tok_path):
+        tok = Tokenizer.load(tok_path)
+    else:
+        words = ["river", "town", "cat", "number", "学习", "城市", "小猫", "数字", "the", "and"]
+        text = [" ".join(words[(i * 7 + j) % len(words)] for j in range(20)) for i in range(2000)]
+        tok = train_tokenizer(text, 300, os.path.join(path, "tokenizer.model"))
+    shape = dict(SIZES[size], vocab_size=tok.vocab_size)
+    model = Transformer(ModelConfig(**shape, max_seq_len=1024))
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": model.cfg.to_dict(), "config": {}, "step": 0})
+    tok.save(path)
+
+
+def stream_one(port, max_tokens, results, i, requests=2):
+    """One client: `requests` streaming chat completions one after another; counts the completion
+    tokens the server reports in its final usage chunk."""
+    import http.client
+    n = 0
+    for r in range(requests):
+        body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": f"hello {i} {r}"}],
+                           "max_tokens": max_tokens, "temperature": 1.0, "seed": i * 100 + r, "stream": True,
+                           "stream_options": {"include_usage": True}, "ignore_eos": True})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        for line in conn.getresponse():
+            if line.startswith(b"data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                n += usage["completion_tokens"] if usage else 0
+        conn.close()
+    results[i] = n
+
+
+def bench_serve(a, out):
+    """Clients stream concurrently; the server batches their decode steps (continuous batching), so
+    the ceiling for c clients is c times one client's speed if a decode step cost the same at batch c."""
+    with tempfile.TemporaryDirectory() as d:
+        make_out_dir(a.size, d)
+        cmd = [sys.executable, "serve.py", f"--out_dir={d}", "--port=0", "--max_batch=8", f"--device={a.device}"]
+        if a.threads:
+            cmd.append(f"--threads={a.threads}")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            port = None
+            for line in proc.stdout:  # serve.py prints its URL when it is ready
+                if "http://127.0.0.1:" in line:
+                    port = int(line.split("http://127.0.0.1:")[1].split("/")[0].split()[0])
+                    break
+            if port is None:
+                raise SystemExit("serve.py did not start")
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its log
+            stream_one(port, 8, {}, 0, requests=1)  # warm-up: first-call allocations are not the server's speed
+            base = None
+            for clients in (1, 4, 8):
+                results = {}
+                threads = [threading.Thread(target=stream_one, args=(port, a.tokens, results, i)) for i in range(clients)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                dt = time.perf_counter() - t0
+                tok_s = sum(results.values()) / dt
+                base = base or tok_s
+                out(dict(bench="serve", size=a.size, clients=clients, tokens=sum(results.values()),
+                         tokens_per_s=tok_s, speedup_vs_1=tok_s / base),
+                    f"serve {a.size} clients={clients}  {sum(results.values()):5d} tokens  {tok_s:8.1f} tok/s  "
+                    f"{tok_s / base:5.2f}x of 1 client")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+# ---- data: tokenization throughput --------------------------------------------------------------------
+
+def bench_data(a, out):
+    """prepare_data.py pretrain on the demo corpus repeated to ~a.data_mb MB, with 1..all processes.
+    The ceiling for n processes is n times the 1-process speed."""
+    if not os.path.isfile("data/demo/pretrain/tokenizer.model"):
+        subprocess.run([sys.executable, "prepare_data.py", "demo"], check=True)
+    src = "data/demo/corpus"
+    text = "".join(open(os.path.join(src, f), encoding="utf-8").read() for f in sorted(os.listdir(src)))
+    base = None
+    with tempfile.TemporaryDirectory() as corpus:
+        copies = max(1, int(a.data_mb * 1e6 / len(text.encode())))
+        for i in range(copies):  # one file per copy: documents stay as the demo writes them
+            with open(os.path.join(corpus, f"part{i:03d}.txt"), "w", encoding="utf-8") as f:
+                f.write(text)
+        for n in range(1, (os.cpu_count() or 1) + 1):
+            with tempfile.TemporaryDirectory() as d:
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "prepare_data.py", "pretrain", corpus, "--tokenizer",
+                                "data/demo/pretrain/tokenizer.model", "--out_dir", d, f"--num_proc={n}"],
+                               capture_output=True, text=True, check=True)
+                wall = time.perf_counter() - t0
+                meta = json.load(open(os.path.join(d, "meta.json")))
+            mb = meta["text_bytes"] / 1e6
+            mbs = mb / wall
+            base = base or mbs
+            out(dict(bench="data", processes=n, mb=mb, seconds=wall, mb_per_s=mbs, speedup_vs_1=mbs / base),
+                f"data processes={n}  {mb:.1f} MB in {wall:.1f} s (whole command)  {mbs:6.2f} MB/s  "
+                f"{mbs / base:4.2f}x of 1 (ceiling {n}x)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=("train", "decode", "generate", "serve", "data", "all"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", default="15m", help="train: comma-separated model sizes " + "/".join(SIZES))
+    p.add_argument("--size", default="100m", help="decode/generate/serve: model size")
+    p.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16")
+    p.add_argument("--compile", choices=("on", "off", "both"), default="off")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--seconds", type=float, default=3.0, help="train: seconds timed per configuration")
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
+    p.add_argument("--repeats", type=int, default=3, help="decode/generate: best of this many runs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--data_mb", type=float, default=40, help="data: MB of text to tokenize")
+    p.add_argument("--results", default="bench_results.jsonl")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    env = dict(host=platform.node(), cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+               torch=torch.__version__, device=a.device,
+               gpu=torch.cuda.get_device_name() if a.device.startswith("cuda") else None)
+    print(f"# bench {a.what} on {env['device']} ({env['gpu'] or str(env['threads']) + ' threads'}), torch {env['torch']}")
+
+    def out(row, line):
+        print(line, flush=True)
+        with open(a.results, "a") as f:
+            f.write(json.dumps({**row, **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+    jobs = ["train", "decode", "generate", "serve", "data"] if a.what == "all" else [a.what]
+    for job in jobs:
+        if job == "train" and a.dtypes is None:
+            a.dtypes = "bfloat16,float32"
+        if job == "decode":
+            a.dtypes = a.dtypes if a.what != "all" and a.dtypes else "float32,bfloat16"
+        globals()["bench_" + job](a, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The demo's report: one table saying whether each stage worked, and a loss-curve plot per stage.
+
+    python report.py                       # after `bash demo.sh`: writes report.md and report/*.png
+    python report.py plot out/a out/b      # loss curves of several runs in one picture (report/compare.png)
+
+Reads each stage's out_dir/metrics.jsonl (written by common.MetricsLogger), out/timings.tsv (stage,
+seconds: demo.sh writes it) and out/rag/eval.json (rag.py eval --results). The plots need
+matplotlib (`pip install matplotlib`); without it the report says how to get them.
+"""
+import json
+import os
+import sys
+
+STAGES = [  # (stage, out dir, training-loss key)
+    ("pretrain", "out/pretrain", "loss"),
+    ("sft", "out/sft", "loss"),
+    ("rm", "out/rm", "loss"),
+    ("dpo", "out/dpo", "loss"),
+    ("grpo", "out/grpo", "loss"),
+]
+
+
+def read_metrics(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def series(records, key):
+    """(first, last) value of key over the records that have it, or (None, None)."""
+    vals = [r[key] for r in records if key in r and r[key] is not None]
+    return (vals[0], vals[-1]) if vals else (None, None)
+
+
+def fmt(x, pct=False):
+    if x is None:
+        return "-"
+    return f"{x:.1%}" if pct else f"{x:.3f}"
+
+
+def stage_metric(stage, records):
+    """The number that shows the stage worked, as text: before -> after where a before exists."""
+    if stage == "pretrain":
+        a, b = series(records, "val_bpb")
+        return f"val bits/byte {fmt(a)} -> {fmt(b)}"
+    if stage == "sft":
+        a, b = series(records, "answer_acc")
+        return f"dev answer accuracy {fmt(a, True)} (pretrained, same prompts) -> {fmt(b, True)}"
+    if stage == "rm":
+        a, b = series(records, "dev_accuracy")
+        return f"held-out pair accuracy {fmt(a, True)} -> {fmt(b, True)}"
+    if stage == "dpo":
+        a, b = series(records, "dev_rewards/accuracies")
+        la, _ = series(records, "dev_likelihood_acc")
+        _, lb = series(records, "dev_likelihood_acc")
+        ans_a, ans_b = series(records, "answer_acc")
+        return (f"preference accuracy (policy prefers chosen) {fmt(la, True)} (SFT) -> {fmt(lb, True)}; "
+                f"implicit-reward accuracy {fmt(b, True)}; answer accuracy {fmt(ans_a, True)} -> {fmt(ans_b, True)}")
+    if stage == "grpo":
+        a, b = series(records, "eval_pass@1")
+        return f"held-out arithmetic pass@1 {fmt(a, True)} -> {fmt(b, True)}"
+    return "-"
+
+
+def plot(runs, path, title):
+    """Training loss (and validation/dev loss where logged) of each run against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, records in runs:
+        for key, style in (("loss", "-"), ("val_loss", "o--"), ("dev_loss", "o--")):
+            pts = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{name} {key}", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def have_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def main():
+    if sys.argv[1:2] == ["plot"]:
+        runs = [(d.rstrip("/"), read_metrics(d)) for d in sys.argv[2:]]
+        if not have_matplotlib():
+            sys.exit("plotting needs matplotlib: pip install matplotlib")
+        plot(runs, "report/compare.png", " vs ".join(d for d, _ in runs))
+        print("wrote report/compare.png")
+        return
+    times = {}
+    if os.path.isfile("out/timings.tsv"):
+        for line in open("out/timings.tsv"):
+            stage, secs = line.split()
+            times[stage] = float(secs)
+    rows, pictures = [], []
+    plots = have_matplotlib()
+    for stage, out_dir, _ in STAGES:
+        records = read_metrics(out_dir)
+        rows.append((stage, times.get(stage), stage_metric(stage, records)))
+        if plots and records:
+            plot([(stage, records)], f"report/{stage}.png", f"{stage} ({out_dir})")
+            pictures.append(f"![{stage}](report/{stage}.png)")
+    rag = json.load(open("out/rag/eval.json")) if os.path.isfile("out/rag/eval.json") else {}
+    if rag:
+        rows.append(("rag", times.get("rag"),
+                     f"recall@5 {fmt(rag.get('recall@5'), True)}, recall@1 {fmt(rag.get('recall@1'), True)}; "
+                     f"answer accuracy without retrieval {fmt(rag.get('accuracy_without_retrieval'), True)}, "
+                     f"with {fmt(rag.get('accuracy_with_retrieval'), True)}"))
+    lines = ["# AstrAI-nano demo report", "",
+             "| stage | wall time | the metric that shows it worked |", "|---|---|---|"]
+    for stage, secs, metric in rows:
+        lines.append(f"| {stage} | {'-' if secs is None else f'{secs:.0f} s'} | {metric} |")
+    if "total" in times:
+        lines.append(f"| **total** | {times['total']:.0f} s | |")
+    lines.append("")
+    lines += pictures if plots else ["Loss-curve plots need matplotlib: `pip install matplotlib && python report.py`."]
+    text = "\n".join(lines) + "\n"
+    with open("report.md.tmp", "w") as f:
+        f.write(text)
+    os.replace("report.md.tmp", "report.md")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
