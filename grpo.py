@@ -2,7 +2,6 @@
 a reward model, or both.
 
     python grpo.py --init_from=out/sft                                   # demo world, laptop CPU, minutes
-    python grpo.py config/grpo_tiny.py --init_from=out/sft               # the lean demo config
     python grpo.py --init_from=out/sft --reward=rm:out/rm --beta=0.1     # score with rm.py's reward model
     python grpo.py --reward=rule:1.0,format:0.1,rm:out/rm:0.5            # a weighted sum of several
     torchrun --nproc_per_node=8 grpo.py --init_from=out/sft --data=gsm8k_train.jsonl \
@@ -53,7 +52,7 @@ num_tol = 1e-6             # numbers match if |pred - answer| <= num_tol * max(1
 # rollouts
 prompts_per_step = 8       # prompts per process per step
 group_size = 8             # G completions per prompt
-max_new_tokens = 48
+max_new_tokens = 32
 temperature = 1.0          # sampling temperature; log-probs are computed at this temperature too
 top_p = 1.0
 # objective (see grpo_loss)
@@ -74,10 +73,10 @@ beta2 = 0.99
 grad_clip = 1.0
 lr_schedule = "constant"
 warmup_steps = 0
-max_steps = 100
+max_steps = 150
 stop_at_step = 0           # > 0: save and exit after this step, as a preempted job would
 # evaluation, logging, checkpoints
-eval_interval = 20         # greedy pass@1 on eval_data and a checkpoint every this many steps
+eval_interval = 50         # greedy pass@1 on eval_data and a checkpoint every this many steps
 eval_batch = 128           # held-out prompts per generation batch
 log_interval = 1
 keep_last = 2
@@ -239,7 +238,8 @@ def main():
     # models: the policy, and a frozen copy of where it started (the reference for the KL term)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     resume = init_from == "resume"
-    start_dir = load_checkpoint(ckpt_path)["ref_from"] if resume else init_from
+    ckpt = load_checkpoint(ckpt_path) if resume else None
+    start_dir = ckpt["ref_from"] if resume else init_from  # the reference stays the run's starting model
     policy, tokenizer, _ = load_model(start_dir, ctx.device)
     ref = copy.deepcopy(policy).requires_grad_(False) if beta > 0 else None
     # eval mode throughout: no dropout, so the log-probs we train on are those of the sampling policy
@@ -248,9 +248,9 @@ def main():
     optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
     start_step, eval_done, best_acc = 0, False, -1.0
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
         restore_checkpoint(ctx, model, optimizer, ckpt)
-        start_step, eval_done, best_acc = ckpt["step"], ckpt.get("eval_done", False), ckpt.get("best_acc", -1.0)
+        ctx.scaler.load_state_dict(ckpt["scaler"])
+        start_step, eval_done, best_acc = ckpt["step"], ckpt["eval_done"], ckpt["best_acc"]
         print0(f"resumed from {ckpt_path} at step {start_step}")
         del ckpt
     reward_fns = {arg: load_reward_fn(arg, ctx.device) for name, arg, _ in terms if name == "rm"}

@@ -1,23 +1,18 @@
 """The demo's report: one table saying whether each stage worked, and a loss-curve plot per stage.
 
     python report.py                       # after `bash demo.sh`: writes report.md and report/*.png
+    python report.py --out=/tmp/o          # the runs of `OUT=/tmp/o bash demo.sh` (report in /tmp/o)
     python report.py plot out/a out/b      # loss curves of several runs in one picture (report/compare.png)
 
-Reads each stage's out_dir/metrics.jsonl (written by common.MetricsLogger), out/timings.tsv (stage,
-seconds: demo.sh writes it) and out/rag/eval.json (rag.py eval --results). The plots need
+Reads each stage's OUT/<stage>/metrics.jsonl (written by common.MetricsLogger), OUT/timings.tsv
+(stage, seconds: demo.sh writes it) and OUT/rag/eval.json (rag.py eval --results). The plots need
 matplotlib (`pip install matplotlib`); without it the report says how to get them.
 """
 import json
 import os
 import sys
 
-STAGES = [  # (stage, out dir, training-loss key)
-    ("pretrain", "out/pretrain", "loss"),
-    ("sft", "out/sft", "loss"),
-    ("rm", "out/rm", "loss"),
-    ("dpo", "out/dpo", "loss"),
-    ("grpo", "out/grpo", "loss"),
-]
+STAGES = ["pretrain", "sft", "rm", "dpo", "grpo"]  # each writes OUT/<stage>/metrics.jsonl
 
 
 def read_metrics(out_dir):
@@ -101,20 +96,24 @@ def main():
         plot(runs, "report/compare.png", " vs ".join(d for d, _ in runs))
         print("wrote report/compare.png")
         return
+    out = next((x.split("=", 1)[1] for x in sys.argv[1:] if x.startswith("--out=")), "out")
+    # the default run writes report.md next to README.md; another OUT gets its report inside it
+    report_dir = "." if out == "out" else out
     times = {}
-    if os.path.isfile("out/timings.tsv"):
-        for line in open("out/timings.tsv"):
+    if os.path.isfile(os.path.join(out, "timings.tsv")):
+        for line in open(os.path.join(out, "timings.tsv")):
             stage, secs = line.split()
             times[stage] = float(secs)
     rows, pictures = [], []
     plots = have_matplotlib()
-    for stage, out_dir, _ in STAGES:
-        records = read_metrics(out_dir)
+    for stage in STAGES:
+        records = read_metrics(os.path.join(out, stage))
         rows.append((stage, times.get(stage), stage_metric(stage, records)))
         if plots and records:
-            plot([(stage, records)], f"report/{stage}.png", f"{stage} ({out_dir})")
+            plot([(stage, records)], os.path.join(report_dir, "report", f"{stage}.png"), f"{stage} ({out}/{stage})")
             pictures.append(f"![{stage}](report/{stage}.png)")
-    rag = json.load(open("out/rag/eval.json")) if os.path.isfile("out/rag/eval.json") else {}
+    rag_json = os.path.join(out, "rag", "eval.json")
+    rag = json.load(open(rag_json)) if os.path.isfile(rag_json) else {}
     if rag:
         rows.append(("rag", times.get("rag"),
                      f"recall@5 {fmt(rag.get('recall@5'), True)}, recall@1 {fmt(rag.get('recall@1'), True)}; "
@@ -129,9 +128,10 @@ def main():
     lines.append("")
     lines += pictures if plots else ["Loss-curve plots need matplotlib: `pip install matplotlib && python report.py`."]
     text = "\n".join(lines) + "\n"
-    with open("report.md.tmp", "w") as f:
+    path = os.path.join(report_dir, "report.md")
+    with open(path + ".tmp", "w") as f:
         f.write(text)
-    os.replace("report.md.tmp", "report.md")
+    os.replace(path + ".tmp", path)
     print(text)
 
 

@@ -95,6 +95,10 @@ def test_trains_writes_a_complete_out_dir_and_rejects_other_shapes(tmp_path, dat
     from common import load_model
     model, tok, ckpt = load_model(out)
     assert ckpt["step"] == 40 and model.cfg.dim == 32 and tok.vocab_size == 320
+    # init_from another run: its weights at step 0 (same validation windows, so the same val loss)
+    pretrain(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/next", f"--init_from={out}", "--max_steps=0",
+                     "--batch_size=8"])
+    assert records(f"{tmp_path}/next", "val_loss")[0][1] == pytest.approx(val[2][1], abs=1e-5)
     # resuming with another model shape fails with one line that names the difference
     p = pretrain(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume", "--dim=64"], check=False)
     assert p.returncode == 1 and "another shape" in p.stderr and "dim=32" in p.stderr and "Traceback" not in p.stderr
@@ -166,6 +170,16 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir)
     assert p.returncode == 1 and "diverged" in p.stderr and "last good checkpoint" in p.stderr
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 2 and all(torch.equal(good[k], ckpt["model"][k]) for k in good)
+
+
+@pytest.mark.slow
+def test_early_stopping_on_val_loss(tmp_path, data_dir):
+    out = str(tmp_path / "run")
+    p = pretrain(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_steps=50", "--eval_interval=2",
+                         "--patience=2", "--lr=0", "--min_lr=0", "--sample_tokens=0"])  # lr 0: no progress
+    assert "early stopping" in p.stdout
+    assert [s for s, _ in records(out, "val_loss")] == [0, 2, 4]  # best at 0, then 2 evaluations without
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
 
 
 # -- distributed: 2 processes on CPU with gloo ---------------------------------------------------------

@@ -91,6 +91,28 @@ def test_packed_rows_compute_what_conversations_compute_one_by_one(tok):
     assert abs(sft_loss(model(X)[0], Y, n).item() - packed.item()) > 1e-4
 
 
+def test_generate_replies_is_greedy_decoding_until_im_end(tok):
+    from common import generate_replies
+    model = tiny_model(tok.vocab_size, seed=1, max_seq_len=64)
+    with torch.no_grad():
+        for p in model.parameters():  # large weights: greedy decoding does not collapse to one token
+            p.normal_(0, 0.3) if p.dim() == 2 else None
+    convs = [CHAT[1:2], CHAT[:4], [{"role": "user", "content": "Where does Kami live? " * 8}]]
+    replies = generate_replies(model, tok, convs, max_new_tokens=12, batch_size=2)
+    assert all(replies) and len(tok.render_chat(convs[2], add_generation_prompt=True)[0]) > 64 - 12
+    for conv, reply in zip(convs, replies):
+        ids = tok.render_chat(conv, add_generation_prompt=True)[0]
+        if len(ids) > 64 - 12:                                # too long: BOS and the last tokens are kept
+            ids = ids[:1] + ids[len(ids) - (64 - 12) + 1:]
+        out = []
+        for _ in range(12):
+            nxt = model(torch.tensor([ids + out]))[0][0, -1].argmax().item()
+            if nxt in tok.stop_ids:
+                break
+            out.append(nxt)
+        assert reply == tok.decode(out)
+
+
 # -- the script, end to end ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
