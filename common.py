@@ -141,9 +141,14 @@ def setup(config):
 
 
 def shutdown():
-    """Leave the process group (call once at the end of a stage; harmless without one). The barrier
-    first makes sure no rank tears down its connections while another still talks to it."""
+    """Leave the process group (call once at the end of a stage; harmless without one). Drop your
+    references to the wrapped model and optimizer first (del model, optimizer): FSDP/DDP state holds
+    the process group and its last communication handles, and freeing those during interpreter
+    shutdown instead can abort the process (gloo). The barrier makes sure no rank tears down its
+    connections while another still talks to it."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

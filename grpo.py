@@ -234,6 +234,8 @@ def main():
         die(str(e))
     if group_size < 2:
         die("group_size must be at least 2: advantages compare the completions of one prompt")
+    if loss_norm not in ("sequence", "token", "constant"):
+        die(f"loss_norm must be sequence, token or constant, not {loss_norm!r}")
 
     # models: the policy, and a frozen copy of where it started (the reference for the KL term)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -283,7 +285,8 @@ def main():
         """This rank's prompts at a step: its slice of consecutive prompts of a fresh shuffle per epoch,
         a function of (seed, step) so a resumed run sees exactly the prompts it would have."""
         first = (step * ctx.world_size + ctx.rank) * prompts_per_step
-        return [train_set[epoch_order(i // len(train_set))[i % len(train_set)]] for i in range(first, first + prompts_per_step)]
+        return [train_set[epoch_order(i // len(train_set))[i % len(train_set)]]
+                for i in range(first, first + prompts_per_step)]
 
     @torch.no_grad()
     def sample(prompt_ids, G, temp, generator=None):
@@ -344,7 +347,8 @@ def main():
         # 1-2. this rank's prompts and G completions of each, sampled with a generator seeded by (seed, step, rank)
         t0 = time.perf_counter()
         recs = step_prompts(step)
-        gen = torch.Generator(ctx.device).manual_seed(int(np.random.SeedSequence([seed, step, ctx.rank]).generate_state(1)[0]))
+        gen_seed = int(np.random.SeedSequence([seed, step, ctx.rank]).generate_state(1)[0])
+        gen = torch.Generator(ctx.device).manual_seed(gen_seed)
         tokens, cmask = sample([r["ids"] for r in recs], group_size, temperature, gen)
         completions = [row[m].tolist() for row, m in zip(tokens, cmask)]
         t_gen = time.perf_counter() - t0
@@ -378,8 +382,10 @@ def main():
         # mu = 1 the policy has not moved yet: they are the current ones, detached, and ratio = 1)
         t1 = time.perf_counter()
         with torch.no_grad(), ctx.autocast:
-            ref_lp = None if ref is None else torch.cat([ref.token_logprobs(idx[c], targets[c], temperature=temperature) for c in chunks])
-            old_lp = None if mu == 1 else torch.cat([raw.token_logprobs(idx[c], targets[c], temperature=temperature) for c in chunks])
+            ref_lp = None if ref is None else torch.cat([ref.token_logprobs(idx[c], targets[c], temperature=temperature)
+                                                         for c in chunks])
+            old_lp = None if mu == 1 else torch.cat([raw.token_logprobs(idx[c], targets[c], temperature=temperature)
+                                                     for c in chunks])
         lr_now = get_lr(step, config)
         set_lr(optimizer, lr_now)
         sums = torch.zeros(4, device=ctx.device)  # loss, KL, clipped tokens, entropy: summed over the mu passes
@@ -394,7 +400,7 @@ def main():
                                      beta, loss_norm, n_seqs, n_tokens, max_new_tokens)
                 # the loss is normalized by counts over all ranks, and DDP averages gradients over ranks
                 ctx.scaler.scale(loss * ctx.world_size).backward()
-                sums += torch.stack([loss.detach() * ctx.world_size, st["kl"], st["clipped"], (entropy * mask[c]).sum()])
+                sums += torch.stack([loss.detach(), st["kl"], st["clipped"], (entropy * mask[c]).sum()])
             grad_norm = step_optimizer(model, optimizer, ctx.scaler, grad_clip)
         t_train = time.perf_counter() - t1
         step += 1
@@ -402,11 +408,13 @@ def main():
         if step % log_interval == 0 or step == start_step + 1:  # sums over ranks, then ratios
             stats = torch.tensor([rewards.sum(), (rewards ** 2).sum(), correct.sum(), zero_std.sum(), len(zero_std),
                                   sum(map(len, completions)), idx.numel(), t_gen, t_train], dtype=torch.float64)
-            r_sum, r_sq, right, zero, groups, n_gen, n_train, t_g, t_t = (all_reduce_mean(ctx, stats.to(ctx.device)) * ctx.world_size).tolist()
+            stats = all_reduce_mean(ctx, stats.to(ctx.device)) * ctx.world_size
+            r_sum, r_sq, right, zero, groups, n_gen, n_train, t_g, t_t = stats.tolist()
             loss_sum, kl_sum, clip_sum, ent_sum = (all_reduce_mean(ctx, sums) * ctx.world_size / mu).tolist()
             n, tok = n_seqs, n_tokens.item()
             record = {"step": step, "max_steps": max_steps, "loss": loss_sum, "reward": r_sum / n,
-                      "reward_std": max(0.0, r_sq / n - (r_sum / n) ** 2) ** 0.5, "acc": right / n, "zero_std": zero / groups,
+                      "reward_std": max(0.0, r_sq / n - (r_sum / n) ** 2) ** 0.5, "acc": right / n,
+                      "zero_std": zero / groups,
                       "kl": kl_sum / tok, "clip_frac": clip_sum / tok, "entropy": ent_sum / tok, "len": n_gen / n,
                       "lr": lr_now, "grad_norm": grad_norm.item(), "gen_tok_s": n_gen * ctx.world_size / t_g,
                       "train_tok_s": mu * n_train * ctx.world_size / t_t}

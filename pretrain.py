@@ -51,23 +51,23 @@ batch_size = 16          # sequences per micro-step per process
 grad_accum = 1           # micro-steps per optimizer step (gradients add up locally, one all-reduce)
 doc_mask = False         # attention stops at BOS (each document attends only to itself)
 # AdamW and schedule
-lr = 1e-3                # peak learning rate
-min_lr = 1e-4            # floor of the decay (lr / 10, Chinchilla)
+lr = 2e-3                # peak learning rate
+min_lr = 2e-4            # floor of the decay (lr / 10, Chinchilla)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0          # clip the global gradient norm (0: off)
 lr_schedule = "cosine"   # cosine | wsd | sgdr | constant (common.get_lr)
-warmup_steps = 100
-max_steps = 2000
+warmup_steps = 50
+max_steps = 600
 wsd_decay_frac = 0.2     # wsd: the last 20% of steps decay linearly to min_lr
 sgdr_cycle_steps = 0     # sgdr: first cycle length (0: max_steps)
 sgdr_cycle_mult = 1.0    # sgdr: each cycle this many times longer than the last
 stop_at_step = 0         # > 0: save and exit after this step, as a preempted job would (max_steps still sets the schedule)
 # evaluation, logging, checkpoints
-eval_interval = 200      # evaluate, sample and checkpoint every this many steps
-eval_iters = 20          # validation batches per evaluation (the same windows every time)
-log_interval = 10
+eval_interval = 100      # evaluate, sample and checkpoint every this many steps
+eval_iters = 10          # validation batches per evaluation (the same windows every time)
+log_interval = 20
 keep_last = 2            # step checkpoints kept besides ckpt_best.pt
 patience = 0             # early stopping: evaluations without a new best val loss before stopping (0: off)
 sample_prompts = ("Q: Where does", "问：", "12 + 7 =")
@@ -273,4 +273,5 @@ while True:
         print0(f"stopped after step {step}; continue with --init_from=resume (or init_from='auto')")
         break
 
+model = raw = optimizer = loss = None  # free FSDP/DDP state before leaving the process group (common.shutdown)
 shutdown()

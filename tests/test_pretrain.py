@@ -242,6 +242,7 @@ for parallel in ("ddp", "fsdp"):
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
              for k, v in common.unwrap(model).state_dict().items()}
     torch.save(state, f"{out}/{parallel}_rank{ctx.rank}.pt")
+    del model, opt
 common.shutdown()
 '''
 
