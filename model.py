@@ -191,8 +191,8 @@ class KVCache:
             V[:, :, pos:pos + k.shape[1]] = v.transpose(1, 2)
             return K[:, :, :self.span], V[:, :, :self.span]
         r = torch.arange(K.shape[0], device=K.device) if rows is None else rows
-        K[r[:, None], :, pos] = k                      # advanced indexing: target is (b, T, Hkv, D)
-        V[r[:, None], :, pos] = v
+        K[r[:, None], :, pos] = k.to(K.dtype)          # advanced indexing: target is (b, T, Hkv, D);
+        V[r[:, None], :, pos] = v.to(V.dtype)          # index_put does not cast (autocast gives bf16 k, v)
         if rows is None:
             return K[:, :, :self.span], V[:, :, :self.span]
         return K[rows, :, :self.span], V[rows, :, :self.span]

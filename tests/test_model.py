@@ -227,3 +227,12 @@ def test_tiny_config_is_small():
     with torch.device("meta"):
         n = Transformer(cfg).num_params()
     assert 1e6 <= n <= 2e7, n
+
+
+def test_cached_rows_under_bf16_autocast():
+    """Prompts of different lengths write the cache by index; under CPU autocast k, v are bf16 while the
+    cache is float32, and the write must cast (index_put does not)."""
+    m = make_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = [int(t[0]) for t, _ in m.generate([[1, 2, 3], [4, 5, 6, 7, 8]], 8, temperature=0)]
+    assert len(out) == 8
