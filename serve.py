@@ -2,6 +2,7 @@
 
     python serve.py --out_dir=out/sft                       # http://127.0.0.1:8000, chat page at /
     python serve.py --out_dir=out/sft --host=0.0.0.0 --port=8080 --api_key=secret --max_batch=16
+    python serve.py --out_dir=out/sft --rag_index=out/rag --rag_k=3   # chat answers grounded in an index
 
 Standard library only (http.server), no web framework. Endpoints:
 
@@ -12,6 +13,14 @@ Standard library only (http.server), no web framework. Endpoints:
     GET  /                      chat.html: a self-contained chat page that streams from the API
 
 Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")`.
+
+Retrieval (--rag_index, an index built by `rag.py index`): a chat request's last user message is the
+query; its rag_k best chunks go into that message as numbered sources, exactly as `rag.py ask` does
+(rag.grounded_prompt: the lowest-ranked are dropped until the prompt leaves room for max_tokens), and
+the reply carries them as an extra top-level field, "sources": [{"n", "id", "source", "offsets",
+"score", "text"}, ...] (in the first chunk of a stream); OpenAI clients ignore fields they do not
+know. A request sends "rag": false to skip retrieval. The search runs in the request's HTTP thread
+before the request joins the queue, so the model worker never waits for it.
 
 How concurrent requests share the model (continuous batching): one worker thread owns the model
 and a KV cache with `max_batch` rows ("slots"). HTTP threads validate a request, tokenize it and
@@ -40,7 +49,9 @@ import torch
 
 from common import die, load_model
 from configurator import configure
+from data_formats import DataError
 from model import sample_next
+from rag import Retriever, grounded_prompt, source_list
 from tokenizer import StreamDecoder
 
 # -- config (python serve.py --key=value) ------------------------------------------------------------
@@ -60,12 +71,14 @@ max_prompt_tokens = 0        # longer prompts get 400; 0 means the model's conte
 max_tokens_limit = 1024      # the largest max_tokens a request may ask for
 default_max_tokens = 256     # max_tokens when a request gives none (capped by what is left of the context)
 timeout = 60                 # seconds a socket may sit idle (slow or stuck clients) before we hang up
+rag_index = ""               # a rag.py index dir: ground chat answers in its chunks and return them as sources
+rag_k = 3                    # chunks retrieved per chat request (fewer go into the prompt if they do not fit)
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SAMPLING = {"model", "temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "n", "stream",
             "stream_options", "user", "ignore_eos"}  # top_k and ignore_eos: vLLM's extensions
-CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens"}
+CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "rag"}  # rag: false skips retrieval
 COMPLETION_FIELDS = SAMPLING | {"prompt"}
 
 
@@ -73,8 +86,7 @@ COMPLETION_FIELDS = SAMPLING | {"prompt"}
 def chat_prompt(tok, messages):
     """Messages -> prompt ids (ChatML, ending in the assistant generation prompt). Message text is
     encoded as plain text, so a user who types <|im_start|> gets ordinary tokens, never the control id.
-    This is the place where retrieval plugs in: rewrite `messages` (e.g. add retrieved passages to
-    the system message) before rendering."""
+    With --rag_index, parse_request renders through rag.grounded_prompt instead (sources added)."""
     return tok.render_chat(messages, add_generation_prompt=True)[0]
 
 
@@ -91,11 +103,12 @@ class QueueFull(Exception):
 class Request:
     """One API request as the worker sees it. The worker writes events to `events`:
     ("delta", choice, text), ("done", choice, finish_reason, n_tokens), ("error", message).
-    The HTTP thread sets `cancelled` when its client has gone; the worker then frees the rows."""
+    The HTTP thread sets `cancelled` when its client has gone; the worker then frees the rows.
+    `sources`: the retrieved chunks in the prompt (rag.source_list), None when nothing was retrieved."""
 
     def __init__(self, prompt, max_tokens, temperature=1.0, top_p=1.0, top_k=0, stop=(), seed=None, n=1,
-                 ignore_eos=False):
-        self.prompt, self.max_tokens, self.n = prompt, max_tokens, n
+                 ignore_eos=False, sources=None):
+        self.prompt, self.max_tokens, self.n, self.sources = prompt, max_tokens, n, sources
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.stop, self.seed, self.ignore_eos = tuple(stop), seed, ignore_eos
         self.events = queue.Queue()
@@ -321,8 +334,9 @@ def _messages(body):
     return out
 
 
-def parse_request(body, chat, tok, limits):
-    """Check an API request body; return (Request, stream, include_usage) or raise ApiError(400)."""
+def parse_request(body, chat, tok, limits, rag=None):
+    """Check an API request body; return (Request, stream, include_usage) or raise ApiError(400).
+    rag: (Retriever, k) when chat answers are grounded in an index (see the module docstring)."""
     allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -331,8 +345,40 @@ def parse_request(body, chat, tok, limits):
     for key in ("model", "user"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise ApiError(400, f"'{key}' must be a string", key, "invalid_type")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a non-empty string or an array of up to 4 of them", "stop")
+    n = _number(body, "n", 1, 1, limits["max_n"], integer=True)
+    ctx = limits["context"]
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, None, 1, limits["max_tokens_limit"], integer=True)
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    sampling = dict(temperature=_number(body, "temperature", 1.0, 0, 2),
+                    top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True),
+                    top_k=_number(body, "top_k", 0, 0, 1_000_000, integer=True),
+                    stop=stop, seed=_number(body, "seed", None, -2**63, 2**63 - 1, integer=True), n=n,
+                    ignore_eos=_flag(body, "ignore_eos"))
+    sources = None
     if chat:
-        field, prompt = "messages", chat_prompt(tok, _messages(body))
+        field, messages = "messages", _messages(body)
+        if _flag(body, "rag") and rag is None:
+            raise ApiError(400, "'rag' is true but this server has no index (start it with --rag_index=DIR)",
+                           "rag", "invalid_value")
+        if rag is not None and body.get("rag") is not False:
+            # The sources get what max_tokens leaves of the context (no max_tokens: the default, at most
+            # half the context); the lowest-ranked are dropped first, as in `rag.py ask`.
+            retriever, k = rag
+            reserve = max_tokens or min(limits["default_max_tokens"], ctx // 2)
+            room = min(limits["max_prompt_tokens"], ctx - reserve)
+            question = messages[-1]["content"] if messages[-1]["role"] == "user" else ""
+            hits = retriever.search([question], k)[0] if question.strip() else []
+            prompt, used = grounded_prompt(tok, messages, hits, room)
+            sources = source_list(used)
+        else:
+            prompt = chat_prompt(tok, messages)
     else:
         text = body.get("prompt")
         if isinstance(text, list) and len(text) == 1:  # the OpenAI SDK may send ["text"]
@@ -340,17 +386,9 @@ def parse_request(body, chat, tok, limits):
         if not isinstance(text, str):
             raise ApiError(400, "'prompt' must be a string", "prompt", "invalid_type")
         field, prompt = "prompt", completion_prompt(tok, text)
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "'stop' must be a non-empty string or an array of up to 4 of them", "stop")
-    n = _number(body, "n", 1, 1, limits["max_n"], integer=True)
-    ctx = limits["context"]
     if len(prompt) > limits["max_prompt_tokens"]:
         raise ApiError(400, f"'{field}' is {len(prompt)} tokens long; this server accepts at most "
                             f"{limits['max_prompt_tokens']} prompt tokens", field, "context_length_exceeded")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, key, None, 1, limits["max_tokens_limit"], integer=True)
     if max_tokens is None:
         max_tokens = min(limits["default_max_tokens"], ctx - len(prompt))
     elif len(prompt) + max_tokens > ctx:
@@ -358,15 +396,7 @@ def parse_request(body, chat, tok, limits):
                             f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the {field}, {max_tokens} in "
                             f"the completion). Please reduce the length of the {field} or '{key}'.", key,
                        "context_length_exceeded")
-    stream_options = body.get("stream_options")
-    if stream_options is not None and not isinstance(stream_options, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
-    req = Request(prompt, max_tokens,
-                  temperature=_number(body, "temperature", 1.0, 0, 2),
-                  top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True),
-                  top_k=_number(body, "top_k", 0, 0, 1_000_000, integer=True),
-                  stop=stop, seed=_number(body, "seed", None, -2**63, 2**63 - 1, integer=True), n=n,
-                  ignore_eos=_flag(body, "ignore_eos"))
+    req = Request(prompt, max_tokens, sources=sources, **sampling)
     return req, _flag(body, "stream"), _flag(stream_options or {}, "include_usage")
 
 
@@ -509,7 +539,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _generate(self, chat):
         app, engine = self.server.app, self.server.engine
-        req, stream, include_usage = parse_request(self._read_json(), chat, engine.tok, app["limits"])
+        req, stream, include_usage = parse_request(self._read_json(), chat, engine.tok, app["limits"], app["rag"])
         try:
             engine.submit(req)
         except QueueFull:
@@ -566,7 +596,8 @@ class Handler(BaseHTTPRequestHandler):
         else:
             choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]}
                        for i in range(req.n)]
-        self._send_json(200, {**head, "choices": choices, "usage": self._usage(req, tokens)})
+        sources = {} if req.sources is None else {"sources": req.sources}
+        self._send_json(200, {**head, "choices": choices, "usage": self._usage(req, tokens), **sources})
 
     def _stream(self, req, head, chat, include_usage):
         """Server-sent events in OpenAI's chunk format, then `data: [DONE]`."""
@@ -589,8 +620,10 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         try:
+            sources = {} if req.sources is None else {"sources": req.sources}  # in the first chunk only
             if chat:
-                self._write(b"".join(chunk([choice(i, role=True)]) for i in range(req.n)))
+                self._write(b"".join(chunk([choice(i, role=True)], **(sources if i == 0 else {}))
+                                     for i in range(req.n)))
             done, tokens = 0, 0
             for event in self._events(req):
                 out = []
@@ -635,14 +668,15 @@ class Server(ThreadingHTTPServer):
 
 def make_server(model, tok, host="127.0.0.1", port=0, api_key="", model_name="astrai-nano", max_batch=8,
                 max_queue=32, max_body_bytes=1_000_000, max_prompt_tokens=0, max_tokens_limit=1024,
-                default_max_tokens=256, timeout=60, log=True):
+                default_max_tokens=256, timeout=60, log=True, rag=None, rag_k=3):
     """A ready server (call .serve_forever()) with its model worker running; port 0 picks a free port.
+    rag: a rag.Retriever to ground chat answers in (rag_k chunks each), or None.
     Stop it with .shutdown(), then .server_close() and .engine.close()."""
     ctx = model.cfg.max_seq_len
     httpd = Server((host, port), Handler)
     httpd.engine = Engine(model, tok, max_batch, max_queue)
     httpd.app = {"model": model_name, "api_key": api_key, "max_body_bytes": max_body_bytes, "timeout": timeout,
-                 "created": int(time.time()), "log": log,
+                 "created": int(time.time()), "log": log, "rag": None if rag is None else (rag, rag_k),
                  "limits": {"context": ctx, "max_n": max_batch,
                             "max_prompt_tokens": min(max_prompt_tokens or ctx - 1, ctx - 1),
                             "max_tokens_limit": max_tokens_limit, "default_max_tokens": default_max_tokens}}
@@ -655,17 +689,26 @@ def main():
         die(f"dtype must be float32 or bfloat16, not {dtype!r}")
     if max_batch < 1 or max_queue < 0 or max_tokens_limit < 1 or default_max_tokens < 1 or max_body_bytes < 1:
         die("max_batch, max_tokens_limit, default_max_tokens and max_body_bytes must be >= 1, max_queue >= 0")
+    if rag_k < 1:
+        die(f"rag_k must be >= 1, not {rag_k}")
     if threads:
         torch.set_num_threads(threads)
     dev = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    retriever = None
+    if rag_index:  # before the model loads: a wrong path fails at once
+        try:
+            retriever = Retriever(rag_index, dev)
+        except (DataError, ValueError, OSError) as e:
+            die(f"--rag_index: {str(e).splitlines()[0]}")
     model, tok, _ = load_model(out_dir, device=dev)
     model.to(getattr(torch, dtype))
     name = model_name or os.path.basename(os.path.normpath(out_dir))
     httpd = make_server(model, tok, host, port, api_key, name, max_batch, max_queue, max_body_bytes,
-                        max_prompt_tokens, max_tokens_limit, default_max_tokens, timeout)
+                        max_prompt_tokens, max_tokens_limit, default_max_tokens, timeout, rag=retriever, rag_k=rag_k)
     h, p = httpd.server_address[:2]
+    grounded = "" if retriever is None else f", answers grounded in {rag_index} ({len(retriever)} chunks, k={rag_k})"
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M params, {dtype} on {dev}, {max_batch} slots, "
-          f"torch threads {torch.get_num_threads()}) on http://{h}:{p}"
+          f"torch threads {torch.get_num_threads()}{grounded}) on http://{h}:{p}"
           f"  (chat page: /, API: /v1)", flush=True)
     if host not in ("127.0.0.1", "localhost") and not api_key:
         print("warning: listening beyond this machine without --api_key", file=sys.stderr)
