@@ -4,7 +4,7 @@ One file, torch only. Read it top to bottom:
 
     ModelConfig        the shape of the network (stored in every checkpoint and config.json)
     RMSNorm, RoPE      normalization and rotary position embeddings (rotate-half convention)
-    Attention          grouped-query attention through F.scaled_dot_product_attention
+    Attention          grouped-query attention: F.scaled_dot_product_attention (plain matmuls on CPU)
     FeedForward        SwiGLU MLP
     Transformer        embedding -> n_layers x [pre-norm attention, pre-norm MLP] -> norm -> LM head
     KVCache            preallocated per-layer key/value buffers with a length per row
@@ -98,6 +98,31 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+# Under torch.compile on a CPU, full-sequence attention (training, scoring) is written out as two matmuls
+# around a float32 softmax: inductor fuses the scale, mask and softmax into one pass between two bf16
+# GEMMs, while SDPA's CPU flash kernel works in small blocks at a third of the GEMM speed (it cost a 15M
+# model's compiled training step 27% of its time for 9% of its FLOPs; bench.py train, README "Speed on this
+# machine"). Eager, the written-out form is slower: every step allocates and frees the (B, H, T, T)
+# scores several times over. The scores take B*H*T*T*4 bytes; past this length SDPA (memory linear in T).
+CPU_MATH_ATTENTION_MAX_LEN = 1024
+
+
+def math_attention(q, k, v, mask, dropout_p=0.0):
+    """softmax(q k^T / sqrt(d) + mask) v (Vaswani et al. 2017, eq. 1), what SDPA computes, as plain matmuls
+    with the scores and softmax in float32. q (B, H, T, D); k, v (B, Hkv, S, D); mask as in Attention."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # GQA: repeat each key/value head for its group of query heads (HF's repeat_kv)
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    T, S = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    if mask is None:  # causal: query t (the last T of S positions) sees keys up to its own position
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if not isinstance(mask, str):
+        scores = scores.masked_fill(~mask, float("-inf"))
+    att = F.dropout(scores.softmax(dim=-1), dropout_p)
+    return att.to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -122,11 +147,16 @@ class Attention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         q = q.transpose(1, 2)
-        # GQA: query head h reads key/value head h // (n_heads / n_kv_heads), the same grouping as
-        # HF's repeat_kv; SDPA does it without materializing the repeated keys.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if isinstance(mask, str) else mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
+        dropout_p = self.dropout if self.training else 0.0
+        if (x.device.type == "cpu" and cache is None and T <= CPU_MATH_ATTENTION_MAX_LEN
+                and torch.compiler.is_compiling()):
+            y = math_attention(q, k, v, mask, dropout_p)
+        else:
+            # GQA: query head h reads key/value head h // (n_heads / n_kv_heads), the same grouping as
+            # HF's repeat_kv; SDPA does it without materializing the repeated keys.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if isinstance(mask, str) else mask, is_causal=mask is None,
+                dropout_p=dropout_p, enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return F.dropout(self.wo(y), self.dropout, self.training)
 

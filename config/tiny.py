@@ -3,7 +3,7 @@
     python pretrain.py config/tiny.py
 """
 # model (see model.ModelConfig)
-vocab_size = 4096
+vocab_size = None      # None: the data's vocabulary (meta.json); the demo tokenizer has 1024
 dim = 256
 n_layers = 4
 n_heads = 8

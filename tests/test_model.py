@@ -223,7 +223,9 @@ def test_1b_config_parameter_count_on_meta_device():
 
 
 def test_tiny_config_is_small():
-    cfg = ModelConfig.from_dict(runpy.run_path(str(ROOT / "config" / "tiny.py")))
+    d = runpy.run_path(str(ROOT / "config" / "tiny.py"))
+    assert d["vocab_size"] is None  # the data's: the demo tokenizer's 1024
+    cfg = ModelConfig.from_dict({**d, "vocab_size": 1024})
     with torch.device("meta"):
         n = Transformer(cfg).num_params()
     assert 1e6 <= n <= 2e7, n
@@ -236,3 +238,32 @@ def test_cached_rows_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = [int(t[0]) for t, _ in m.generate([[1, 2, 3], [4, 5, 6, 7, 8]], 8, temperature=0)]
     assert len(out) == 8
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_cpu_math_attention_equals_sdpa(n_kv_heads):
+    """The CPU path (plain matmuls, float32 softmax) computes what SDPA computes: causal, with a packed-
+    documents mask, and with fewer queries than keys (the last T of S positions); gradients too."""
+    from model import math_attention
+    torch.manual_seed(0)
+    B, H, T, D = 2, 4, 7, 8
+    q = torch.randn(B, H, T, D, requires_grad=True)
+    k, v = (torch.randn(B, n_kv_heads, T, D, requires_grad=True) for _ in range(2))
+    gqa = n_kv_heads != H
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    out = math_attention(q, k, v, None)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    g_out = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1]])
+    mask = ((doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()).unsqueeze(1)
+    torch.testing.assert_close(math_attention(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa),
+                               atol=1e-5, rtol=1e-5)
+    q3 = q[:, :, -3:]  # 3 queries at positions 4..6 over 7 keys
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[-3:]
+    torch.testing.assert_close(math_attention(q3, k, v, None),
+                               F.scaled_dot_product_attention(q3, k, v, attn_mask=causal, enable_gqa=gqa),
+                               atol=1e-5, rtol=1e-5)
