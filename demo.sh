@@ -49,7 +49,7 @@ stage grpo     $PY grpo.py $GRPO_CONFIG --init_from="$OUT/dpo" --out_dir="$OUT/g
 stage rag      bash -c "$PY rag.py index --docs=$DATA/rag/docs --out_dir=$OUT/rag && \
                         $PY rag.py eval --index=$OUT/rag --model=$OUT/grpo --qa=$DATA/rag/qa.jsonl \
                           --results=$OUT/rag/eval.json $RAG"
-stage chat     $PY sample.py --out_dir="$OUT/grpo" --prompt="What is 23 + 19?" --temperature=0 --max_new_tokens=32
+stage chat     $PY sample.py --out_dir="$OUT/grpo" --prompt="What is 7 + 8?" --temperature=0 --max_new_tokens=32
 echo "total $(( $(date +%s) - T_START ))" >> "$OUT/timings.tsv"
 
 echo

@@ -3,18 +3,20 @@
     python prepare_data.py demo --out_dir=data/demo     # writes this world, trains its tokenizer, tokenizes it
 
 A few hundred entities - people, their pets and their towns - with fixed facts (home town, age,
-job, favourite colour and food, pet), plus 1-2 digit arithmetic. Every fact is stated many times,
+job, favourite colour and food, pet), plus small arithmetic. Every fact is stated many times,
 in varied phrasings, in English and in Chinese, so a model of a few million parameters can learn
 it on a laptop CPU in minutes, and every later stage has something measurable to do:
 
     corpus/*.txt      pretraining text (documents separated by blank lines)
     sft.jsonl         chats: questions about the world, arithmetic, translation, some multi-turn,
                       and answering from numbered sources with a citation (as rag.py asks)
-    pairs.jsonl       the same kinds of prompts with a correct (chosen) and a wrong (rejected) answer
+    pairs.jsonl       questions about facts taught in sft.jsonl, the true answer (chosen) and a wrong,
+                      evasive or off-topic one (rejected)
     grpo.jsonl        arithmetic word problems with the numeric answer
     rag/docs/         fact sheets about people who appear nowhere else, and rag/qa.jsonl about them
-    *_dev.jsonl       held-out examples of each (for sft/pairs/grpo a dev example's fact never
-                      appears in the train file; the facts themselves are all in the corpus)
+    *_dev.jsonl       held-out examples of each (for sft and grpo a dev example's fact or numbers
+                      never appear in the train file; a dev pair is a (question, rejected answer)
+                      not in pairs.jsonl; the facts themselves are all in the corpus)
 
 Names are made of syllables that each have one Chinese character (ka = 卡, mi = 米: Kami = 卡米),
 so translating a name is learnable too. Answers use one fixed template (the first one below), so
@@ -136,12 +138,15 @@ def question(p, attr, lang, k=0):
 
 
 def arith(rng):
-    """A random 1-2 digit problem (op, a, b, c) with a non-negative result."""
+    """A random small problem (op, a, b, c): + and - of numbers 0..10, x from the 1..9 tables; c >= 0.
+    Small on purpose: a model of a few million parameters learns these few hundred facts from the
+    corpus in minutes (it does not learn carrying), so GRPO starts from a policy that is sometimes
+    right and has something to reinforce."""
     op = rng.choice("++--×")
     if op == "×":
-        a, b = rng.randint(1, 12), rng.randint(1, 12)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         return op, a, b, a * b
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 10), rng.randint(0, 10)
     if op == "-" and b > a:
         a, b = b, a
     return op, a, b, a + b if op == "+" else a - b
@@ -167,7 +172,7 @@ def story(w, op, a, b, c, lang):
 
 def story_numbers(rng):
     op = rng.choice("+-×")
-    a, b = (rng.randint(2, 9), rng.randint(2, 9)) if op == "×" else (rng.randint(2, 50), rng.randint(2, 50))
+    a, b = (rng.randint(2, 9), rng.randint(2, 9)) if op == "×" else (rng.randint(2, 10), rng.randint(2, 10))
     if op == "-":
         a, b = max(a, b) + 2, min(a, b)  # at least 2 left: "has 1 apples" reads badly
     return op, a, b, {"+": a + b, "-": a - b, "×": a * b}[op]
@@ -208,10 +213,14 @@ def corpus(w, bios=20):
             f"English: {en}\nChinese: {zh}" if form == 0 else
             f"{TRANSLATE[0].format(s=en)}\n{zh}" if form == 1 else f"{TRANSLATE[1].format(s=zh)}\n{en}"
             for en, zh in pairs))
-    for _ in range(len(w.people) * 10):
+    for _ in range(len(w.people) * 30):  # arithmetic needs many more repetitions than a fact about a person
         lang = r.choice(("en", "zh"))
-        kind = r.randrange(3)
-        if kind == 0:
+        kind = r.randrange(4)
+        if kind == 3:  # questions and answers, as a chat asks them
+            qa = [(arith_text(*p, lang, "q"), arith_text(*p, lang, "a")) for p in (arith(r) for _ in range(6))]
+            docs["arithmetic.txt"].append("\n".join(f"Q: {q}\nA: {a}" if lang == "en" else f"问：{q}\n答：{a}"
+                                                     for q, a in qa))
+        elif kind == 0:
             docs["arithmetic.txt"].append("\n".join(arith_text(*arith(r), lang, "a") for _ in range(10)))
         elif kind == 1:
             sep = " " if lang == "en" else ""
@@ -237,18 +246,32 @@ def chats(w, dev_frac=0.1):
     out = {k: ([], []) for k in ("sft", "pairs", "grpo")}
     is_dev = lambda *key: bucket(*key) < dev_frac  # noqa: E731
 
-    for p in w.people:  # one question per fact and language, plus a pair with a wrong answer
+    for p in w.people:  # one question per fact and language
         for a in ATTRS:
             for lang in ("en", "zh"):
                 dev = is_dev("fact", p["en"]["n"], a, lang)
                 q, ans = question(p, a, lang, r.randrange(2)), fact(p, a, lang)
                 out["sft"][dev].append(chat(r, [(q, ans)], lang))
-                other = r.choice([o for o in w.people if o[lang][a] != p[lang][a]])
-                wrong = fact(p, a, lang, **{k: v for k, v in other[lang].items() if k != "n"})  # someone else's fact
-                others = [x for x in ATTRS if x != a and not is_dev("fact", p["en"]["n"], x, lang)]
-                off_topic = fact(p, r.choice(others), lang) if others else wrong  # true, but not what was asked
-                bad = r.choice([wrong, wrong, DONT_KNOW[lang == "zh"], off_topic])
-                out["pairs"][dev].append({"prompt": q, "chosen": ans, "rejected": bad})
+                if dev:
+                    continue
+                # Preference pairs only about facts the SFT model was taught: a reward model (or DPO)
+                # starting from it can then tell a true answer from a false one, which is what the
+                # stage is about; judging facts it never learned would test memory, not preference.
+                # Four rejected answers per fact (two of other people's values, "I don't know", a true
+                # fact that was not asked for); each pair goes to train or dev on its own, so a dev pair is
+                # a new (prompt, rejected) combination: has the model learned which answer is right, or
+                # only which answers it has seen lose?
+                others = r.sample(sorted({o[lang][a] for o in w.people} - {p[lang][a]}), 2)
+                wrong = [fact(p, a, lang, **{a: v, **({"a_job": ("an " if v[0] in "aeiou" else "a ") + v}
+                                                      if a == "job" and lang == "en" else {})}) for v in others]
+                if a == "pet":  # a pet is (kind, name): take another person's whole pet
+                    other = r.sample([o for o in w.people if o[lang]["pet_name"] != p[lang]["pet_name"]], 2)
+                    wrong = [fact(p, a, lang, pet=o[lang]["pet"], pet_name=o[lang]["pet_name"],
+                                  **({"m": o[lang]["m"]} if lang == "zh" else {})) for o in other]
+                off_topic = fact(p, r.choice([x for x in ATTRS if x != a]), lang)  # true, but not what was asked
+                for i, bad in enumerate(wrong + [DONT_KNOW[lang == "zh"], off_topic]):
+                    out["pairs"][is_dev("pair", p["en"]["n"], a, lang, i)].append(
+                        {"prompt": question(p, a, lang, r.randrange(2)), "chosen": ans, "rejected": bad})
     for _ in range(len(w.people) * 2):  # multi-turn: the same question about a second person
         lang, a = r.choice(("en", "zh")), r.choice(ATTRS)
         p1, p2 = r.sample(w.people, 2)
@@ -265,25 +288,20 @@ def chats(w, dev_frac=0.1):
         turn = (TRANSLATE[not en_to_zh].format(s=fact(p, a, src, k)), fact(p, a, dst, k))
         out["sft"][is_dev("fact", p["en"]["n"], a, dst)].append(chat(r, [turn], src))  # split by the fact it answers
     seen = set()
-    for _ in range(len(w.people) * 15):  # arithmetic: bare questions and word problems
+    for _ in range(len(w.people) * 20):  # arithmetic: bare questions and word problems
         lang = r.choice(("en", "zh"))
         if r.random() < 0.5:
             op, a, b, c = arith(r)
             q, ans = arith_text(op, a, b, c, lang, "q"), arith_text(op, a, b, c, lang, "a")
-            wrong = arith_text(op, a, b, c + r.choice([-10, -2, -1, 1, 2, 10]), lang, "a")
         else:
             op, a, b, c = story_numbers(r)
             q, ans = story(w, op, a, b, c, lang)
-            wrong = ans.replace(str(c), str(c + r.choice([-2, -1, 1, 2])), 1)
         if q in seen:
             continue
         seen.add(q)
-        dev = is_dev("arith", op, a, b, lang)
-        which = r.randrange(3)  # each problem feeds one of sft, pairs, grpo
-        if which == 0:
+        dev = bucket("arith", op, a, b, lang) < 2 * dev_frac  # a dev problem's numbers appear in no train file
+        if r.random() < 0.4:  # SFT teaches the answer format; the rest are GRPO prompts
             out["sft"][dev].append(chat(r, [(q, ans)], lang))
-        elif which == 1:
-            out["pairs"][dev].append({"prompt": q, "chosen": ans, "rejected": wrong})
         else:
             out["grpo"][dev].append({"prompt": q, "answer": str(c)})
     for train, dev in out.values():

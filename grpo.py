@@ -50,7 +50,7 @@ eval_data = "data/demo/grpo_dev.jsonl"  # held-out prompts for greedy pass@1 (''
 reward = "rule"
 num_tol = 1e-6             # numbers match if |pred - answer| <= num_tol * max(1, |answer|)
 # rollouts
-prompts_per_step = 8       # prompts per process per step
+prompts_per_step = 16      # prompts per process per step
 group_size = 8             # G completions per prompt
 max_new_tokens = 32
 temperature = 1.0          # sampling temperature; log-probs are computed at this temperature too
@@ -65,15 +65,15 @@ scale_rewards = True       # divide advantages by the group's std (False: Dr. GR
 loss_norm = "sequence"     # sequence (GRPO) | token (DAPO) | constant (Dr. GRPO)
 adv_eps = 1e-4
 # AdamW and schedule
-lr = 5e-5
-min_lr = 5e-5
+lr = 1e-4
+min_lr = 1e-4
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
 lr_schedule = "constant"
 warmup_steps = 0
-max_steps = 150
+max_steps = 200
 stop_at_step = 0           # > 0: save and exit after this step, as a preempted job would
 # evaluation, logging, checkpoints
 eval_interval = 50         # greedy pass@1 on eval_data and a checkpoint every this many steps
@@ -185,6 +185,8 @@ def logprobs_and_entropy(logits, targets, temperature=1.0):
 #                 min(rho_it A_it, clip(rho_it, 1 - eps, 1 + eps) A_it) - beta D_KL[pi_theta || pi_ref] }
 #   rho_it = pi_theta(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)
 #   D_KL   = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1       (k3 estimator, eq. 4: unbiased, always >= 0)
+# With mu = 1 the rollout policy is the current one: rho = 1, nothing is clipped, and the gradient is that of
+# -A log pi_theta (REINFORCE with a group baseline); clipping bounds the later passes of mu > 1.
 # Options, and why:
 #   eps_low/eps_high (DAPO clip-higher, Yu et al. 2025): a larger upper bound lets a token the policy gives
 #     low probability grow by more in one update, so entropy does not collapse early;
