@@ -331,23 +331,32 @@ def rag(w, dev_frac=0.34):
 def rag_chats(w, n_people=40, n_sources=3):
     """(train, dev) SFT chats that teach answering from numbered sources and citing [n]. Their
     people are made here, so the answer can only come from the sources (and the RAG evaluation
-    people stay unseen). A source is one or two sentences, like a retrieved chunk; one chat in ten
-    has no source with the answer, and its reply is "I don't know." The last fifth of the people
-    are dev."""
+    people stay unseen). A source looks like a retrieved chunk of a fact sheet: a run of 2-5 of one
+    person's facts in sheet order, sometimes under the sheet's title line; the others are chunks about
+    other people. One chat in ten has no source with the answer, and its reply is "I don't know."
+    The last fifth of the people are dev."""
     r, people = w.rng, [w.person() for _ in range(n_people)]
     out = ([], [])
+
+    def chunk(p, lang, must=None):
+        """A run of consecutive facts of p in sheet order (containing attribute `must`, if given)."""
+        n = r.randint(2, 5)
+        lo = r.randint(0, len(ATTRS) - n) if must is None else \
+            r.randint(max(0, ATTRS.index(must) - n + 1), min(ATTRS.index(must), len(ATTRS) - n))
+        text = (" " if lang == "en" else "").join(fact(p, a, lang) for a in ATTRS[lo:lo + n])
+        if lo == 0 and r.random() < 0.5:  # the first chunk of a sheet starts with its title
+            text = f"{p['en']['n']} / {p['zh']['n']}\n\n{text}"
+        return text
+
     for i, p in enumerate(people):
         for a in ATTRS:
             for lang in ("en", "zh"):
                 z = lang == "zh"
                 src_lang = lang if r.random() < 0.8 else ("en" if z else "zh")  # sometimes the other language
-                others = r.sample([o for o in people if o is not p], n_sources)
-                sources = [fact(o, r.choice(ATTRS), src_lang) for o in others]  # distractors
+                sources = [chunk(o, src_lang) for o in r.sample([o for o in people if o is not p], n_sources)]
                 answerable = r.random() > 0.1
                 if answerable:
-                    extra = fact(p, r.choice([x for x in ATTRS if x != a]), src_lang)
-                    hit = fact(p, a, src_lang, r.randrange(len(FACTS[a])))
-                    sources[0] = (" " if src_lang == "en" else "").join(r.sample([hit, extra], 2))
+                    sources[0] = chunk(p, src_lang, must=a)
                 r.shuffle(sources)
                 listed = "\n".join(f"[{n}] {s}" for n, s in enumerate(sources, 1))
                 user = RAG_PROMPT[z].format(sources=listed, question=question(p, a, lang, r.randrange(2)))

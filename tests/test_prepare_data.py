@@ -364,6 +364,9 @@ def test_demo_world_deterministic_and_sound(tmp_path):
     train_answers = {m["content"] for r in data["sft.jsonl"] for m in r["messages"] if m["role"] == "assistant"}
     dev_last = {r["messages"][-1]["content"] for r in data["sft_dev.jsonl"]} - set(demo_world.DONT_KNOW)
     assert dev_last and not train_answers & dev_last
+    # preference pairs (train and dev) are about facts SFT teaches, each with a wrong reply
+    pairs = data["pairs.jsonl"] + data["pairs_dev.jsonl"]
+    assert all(p["chosen"] in train_answers and p["rejected"] != p["chosen"] for p in pairs)
     grounded = [r for r in data["sft.jsonl"] if r["messages"][0]["content"].startswith(demo_world.RAG_PROMPT[0][:30])]
     assert grounded and all(r["messages"][-1]["content"].endswith("]") or r["messages"][-1]["content"] in
                             demo_world.DONT_KNOW for r in grounded)
