@@ -344,8 +344,8 @@ def rag_chats(w, n_people=40, n_sources=3):
         lo = r.randint(0, len(ATTRS) - n) if must is None else \
             r.randint(max(0, ATTRS.index(must) - n + 1), min(ATTRS.index(must), len(ATTRS) - n))
         text = (" " if lang == "en" else "").join(fact(p, a, lang) for a in ATTRS[lo:lo + n])
-        if lo == 0 and r.random() < 0.5:  # the first chunk of a sheet starts with its title
-            text = f"{p['en']['n']} / {p['zh']['n']}\n\n{text}"
+        if lo == 0 and r.random() < 0.5:  # the first chunk of a sheet starts with its title (its line
+            text = f"{p['en']['n']} / {p['zh']['n']} {text}"  # breaks become spaces, as in ground_messages)
         return text
 
     for i, p in enumerate(people):
