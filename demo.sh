@@ -46,7 +46,7 @@ stage dpo      $PY dpo.py --init_from="$OUT/sft" --out_dir="$OUT/dpo" --data="$D
                  --dev_data="$DATA/pairs_dev.jsonl" --answer_data="$DATA/sft_dev.jsonl" $DPO
 stage grpo     $PY grpo.py $GRPO_CONFIG --init_from="$OUT/dpo" --out_dir="$OUT/grpo" --data="$DATA/grpo.jsonl" \
                  --eval_data="$DATA/grpo_dev.jsonl" $GRPO
-stage rag      bash -c "$PY rag.py index --docs=$DATA/rag/docs --out_dir=$OUT/rag && \
+stage rag      bash -c "$PY rag.py index --docs=$DATA/rag/docs --tokenizer=$DATA/tokenizer.model --out_dir=$OUT/rag && \
                         $PY rag.py eval --index=$OUT/rag --model=$OUT/grpo --qa=$DATA/rag/qa.jsonl \
                           --results=$OUT/rag/eval.json $RAG"
 stage chat     $PY sample.py --out_dir="$OUT/grpo" --prompt="What is 7 + 8?" --temperature=0 --max_new_tokens=32
