@@ -401,6 +401,19 @@ def get_batch(data, batch_size, seq_len, key, rank=0, world_size=1, micro_step=0
     return xy[:, :-1], xy[:, 1:]
 
 
+def epoch_indices(step, per_step, n, seed):
+    """Indices into n examples for step `step`'s global batch of per_step, read from an endless stream of
+    per-epoch shuffles (epoch e shuffled by random.Random(seed + e)): a pure function of the step, so a
+    resumed run reads exactly what it would have. The example-level stages (rm.py, dpo.py) use it."""
+    out = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, k = divmod(i, n)
+        if k == 0 or not out:
+            order = list(range(n))
+            random.Random(seed + epoch).shuffle(order)
+        out.append(order[k])
+    return out
+
 # -----------------------------------------------------------------------------------------------
 # checkpoints: plain tensors and builtins, atomic writes, exact resume
 

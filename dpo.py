@@ -27,14 +27,13 @@ out_dir/{ckpt.pt, ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl}. SI
 and exits; --init_from=resume continues exactly where it stopped, against the same reference.
 """
 import math
-import random
 import time
 
 import torch
 import torch.nn.functional as F
 
 from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die,
-                    generate_replies, generation_context, get_lr, grad_sync, load_checkpoint, print0,
+                    epoch_indices, generate_replies, generation_context, get_lr, grad_sync, load_checkpoint, print0,
                     restore_checkpoint, save_checkpoint, set_lr, setup, shutdown, step_optimizer, stop_requested,
                     unwrap, wrap_model)
 from configurator import configure
@@ -180,17 +179,6 @@ def main():
     logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
     pairs_per_step = batch_size * grad_accum * ctx.world_size
 
-    def step_pairs(step):
-        """Indices of step `step`'s global batch in an endless stream of per-epoch shuffles of `train`."""
-        out = []
-        for i in range(step * pairs_per_step, (step + 1) * pairs_per_step):
-            epoch, k = divmod(i, len(train))
-            if k == 0 or not out:
-                order = list(range(len(train)))
-                random.Random(seed + epoch).shuffle(order)
-            out.append(order[k])
-        return out
-
     def forward(batch):
         """The pairs' DPO loss and statistics, from the summed reply log-probs of the policy (with
         grad) and of the reference (without); plus the policy's own preference lp_c > lp_r."""
@@ -247,7 +235,7 @@ def main():
             break
         lr_now = get_lr(step, config)
         set_lr(optimizer, lr_now)
-        ids = step_pairs(step)
+        ids = epoch_indices(step, pairs_per_step, len(train), seed)
         sums = torch.zeros(5, device=ctx.device)
         for micro in range(grad_accum):
             mine = ids[(micro * ctx.world_size + ctx.rank) * batch_size:][:batch_size]

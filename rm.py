@@ -22,16 +22,15 @@ common.load_reward_fn(out_dir) -> score(messages) -> float. SIGTERM or Ctrl-C sa
 --init_from=resume continues exactly where it stopped.
 """
 import math
-import random
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die, get_lr,
-                    grad_sync, load_checkpoint, print0, restore_checkpoint, save_checkpoint, set_lr, setup, shutdown,
-                    step_optimizer, stop_requested, wrap_model)
+from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die,
+                    epoch_indices, get_lr, grad_sync, load_checkpoint, print0, restore_checkpoint, save_checkpoint,
+                    set_lr, setup, shutdown, step_optimizer, stop_requested, wrap_model)
 from configurator import configure
 from data_formats import DataError, read_jsonl
 from model import ModelConfig, Transformer
@@ -160,17 +159,6 @@ def main():
     logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
     pairs_per_step = batch_size * grad_accum * ctx.world_size
 
-    def step_pairs(step):
-        """Indices of step `step`'s global batch in an endless stream of per-epoch shuffles of `train`."""
-        out = []
-        for i in range(step * pairs_per_step, (step + 1) * pairs_per_step):
-            epoch, k = divmod(i, len(train))
-            if k == 0 or not out:
-                order = list(range(len(train)))
-                random.Random(seed + epoch).shuffle(order)
-            out.append(order[k])
-        return out
-
     def rewards(batch):
         idx, lengths = collate(batch, tokenizer.pad_id)
         with ctx.autocast:
@@ -213,7 +201,7 @@ def main():
             break
         lr_now = get_lr(step, config)
         set_lr(optimizer, lr_now)
-        ids = step_pairs(step)
+        ids = epoch_indices(step, pairs_per_step, len(train), seed)
         stats = torch.zeros(3, device=ctx.device)
         for micro in range(grad_accum):
             mine = ids[(micro * ctx.world_size + ctx.rank) * batch_size:][:batch_size]
