@@ -126,13 +126,11 @@ def bench_train(a, out):
 
 def bench_decode(a, out):
     device = a.device
-    bw = measure_bandwidth(device)
     for dtype in a.dtypes.split(","):
         for compile_ in ([False, True] if a.compile == "both" else [a.compile == "on"]):
             model = build(a.size, 1024, device, getattr(torch, dtype)).eval()
             if compile_:
-                for layer in model.layers:
-                    layer.compile(dynamic=True)
+                model.compile_for_decode()
             wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
             prompt = [list(range(1, a.prompt_len + 1))]
 
@@ -140,7 +138,12 @@ def bench_decode(a, out):
                 for _ in model.generate(prompt, a.tokens, temperature=0):
                     pass
             run()  # warm-up (and compilation)
+            # The bound is measured right before and right after the timing and the higher one is kept:
+            # a shared machine's memory bandwidth drifts by tens of percent over minutes (43-74 GB/s
+            # on the 2-core CPU), so a figure from the start of the run would flatter or punish a row.
+            bw = measure_bandwidth(device)
             dt = min(timed(run, device, 0) for _ in range(a.repeats))
+            bw = max(bw, measure_bandwidth(device))
             tok_s = a.tokens / dt
             bound = bw / wbytes
             out(dict(bench="decode", size=a.size, params=model.num_params(), dtype=dtype, compile=compile_,

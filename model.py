@@ -123,27 +123,46 @@ def math_attention(q, k, v, mask, dropout_p=0.0):
     return att.to(v.dtype) @ v
 
 
+class Linear(nn.Linear):
+    """nn.Linear without a bias, plus one fast path. Batch-1 decode multiplies ONE row by every weight
+    matrix, so it is bound by reading the weights from memory. On a CPU, PyTorch hands that product to
+    MKL's GEMV, which runs on a single core and streams ~17 GB/s on this project's 2-core AMD machine,
+    where a plain sum reads 57 GB/s. Written as a multiply and a sum over the input dimension, inductor
+    compiles it to one vectorized, multi-threaded reduction that reads the matrix once at memory speed
+    (56 GB/s, README "Speed on this machine"). Eager, that form would first write the whole product
+    out, so it is used only while compiling; every other case keeps F.linear (GEMM for many rows)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if (x.device.type == "cpu" and torch.compiler.is_compiling() and x.shape[:-1].numel() == 1
+                and x.dtype == self.weight.dtype):
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
+        return F.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, mask, cache=None):
         """mask: None (plain causal), a bool (B, 1, T, S) tensor (True = may attend), or "none" when every
-        query may see every cached key (one-token decode). cache: (KVCache, layer, rows, pos) or None."""
+        query may see every cached key (one-token decode). cache: (K, V, span, rows, pos), this layer's
+        slice of a KVCache and where to write (KVCache.write), or None."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            kv, layer, rows, pos = cache
-            k, v = kv.update(layer, k, v, rows, pos)             # (B, Hkv, S, D) views of the filled prefix
+            k, v = KVCache.write(*cache, k, v)                   # (B, Hkv, S, D) views of the filled prefix
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         q = q.transpose(1, 2)
@@ -166,9 +185,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        self.w1 = Linear(cfg.dim, cfg.ffn_dim)  # gate
+        self.w3 = Linear(cfg.dim, cfg.ffn_dim)  # up
+        self.w2 = Linear(cfg.ffn_dim, cfg.dim)  # down
         self.dropout = cfg.dropout
 
     def forward(self, x):
@@ -212,20 +231,22 @@ class KVCache:
     def reset(self, rows):
         self.lengths[rows] = 0
 
-    def update(self, layer, k, v, rows, pos):
-        """Write new k, v (b, T, Hkv, D) at positions pos (b, T) of `rows` (None = all rows, contiguous
-        positions starting at pos[0, 0]); return the keys and values attended to: (b, Hkv, span, D)."""
-        K, V = self.k[layer], self.v[layer]
+    @staticmethod
+    def write(K, V, span, rows, pos, k, v):
+        """Write new k, v (b, T, Hkv, D) into one layer's K, V at positions pos (b, T) of `rows` (None = all
+        rows; an int pos = all rows at that offset); return the keys and values attended to, the first
+        `span` positions: (b, Hkv, span, D). A static method of plain tensors and ints, so a compiled
+        block sees the same inputs in every layer and compiles once, not once per layer index."""
         if rows is None and isinstance(pos, int):      # all rows at the same offset: plain slice copy
             K[:, :, pos:pos + k.shape[1]] = k.transpose(1, 2)
             V[:, :, pos:pos + k.shape[1]] = v.transpose(1, 2)
-            return K[:, :, :self.span], V[:, :, :self.span]
+            return K[:, :, :span], V[:, :, :span]
         r = torch.arange(K.shape[0], device=K.device) if rows is None else rows
         K[r[:, None], :, pos] = k.to(K.dtype)          # advanced indexing: target is (b, T, Hkv, D);
         V[r[:, None], :, pos] = v.to(V.dtype)          # index_put does not cast (autocast gives bf16 k, v)
         if rows is None:
-            return K[:, :, :self.span], V[:, :, :self.span]
-        return K[rows, :, :self.span], V[rows, :, :self.span]
+            return K[:, :, :span], V[:, :, :span]
+        return K[rows, :, :span], V[rows, :, :span]
 
     def repeat_interleave(self, n):
         """Each row repeated n times (prefill a prompt once, then sample n completions from it)."""
@@ -243,7 +264,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight  # one matrix reads and writes tokens
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -332,6 +353,16 @@ class Transformer(nn.Module):
         w = self.tok_embeddings.weight
         return KVCache(self.cfg, batch_size, max_len, dtype or w.dtype, device or w.device)
 
+    def compile_for_decode(self):
+        """torch.compile every block and the output head with dynamic shapes (the cache grows each step,
+        prompts vary), for sample.py --compile, serve.py --compile and bench.py decode. On a CPU this is
+        what turns Linear's one-row products into memory-speed reductions; the first tokens of each new
+        shape pay for compilation."""
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+        self.output.compile(dynamic=True)
+        return self
+
     def forward_cached(self, idx, cache, rows=None, lengths=None):
         """Append idx (b, T) to the cache rows `rows` (LongTensor of row ids; None = all rows, in order)
         and return the logits (b, vocab) of each row's last real token.
@@ -360,7 +391,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)
         where = s0 if uniform else pos
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache=(cache, i, rows, where))
+            x = layer(x, cos, sin, mask, cache=(cache.k[i], cache.v[i], cache.span, rows, where))
         last = (T - 1) if lengths is None else (lengths - 1)
         x = x[:, -1] if lengths is None else x[torch.arange(b, device=x.device), last]
         if rows is None:

@@ -267,3 +267,35 @@ def test_cpu_math_attention_equals_sdpa(n_kv_heads):
     torch.testing.assert_close(math_attention(q3, k, v, None),
                                F.scaled_dot_product_attention(q3, k, v, attn_mask=causal, enable_gqa=gqa),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decode_equals_eager_and_compiles_once_for_all_layers():
+    """compile_for_decode: the one-row multiply-sum (model.Linear) gives eager's logits and greedy tokens,
+    batched rows (the GEMM path) too; and the blocks share their compiled graphs: a 6-layer model
+    compiles as many graphs as a 2-layer one (the cache slice, not the layer index, goes into a block)."""
+    from torch._dynamo.utils import counters
+    from model import Linear
+    torch.manual_seed(0)
+    lin, x = Linear(24, 40), torch.randn(1, 1, 24)
+    fast = torch.compile(lin, fullgraph=True)
+    torch.testing.assert_close(fast(x), F.linear(x, lin.weight), atol=1e-5, rtol=1e-5)
+    prompts = [torch.randint(0, 97, (9,)).tolist(), torch.randint(0, 97, (4,)).tolist()]
+    graphs = {}
+    for n_layers in (2, 6):
+        torch._dynamo.reset()
+        m = make_model(n_layers=n_layers)
+        eager = [t.tolist() for t, _ in m.generate(prompts[:1], 24, temperature=0)]
+        cache = m.new_cache(1)
+        want = [m.forward_cached(torch.tensor([prompts[0]]), cache), m.forward_cached(torch.tensor([[5]]), cache)]
+        counters.clear()
+        m.compile_for_decode()
+        assert [t.tolist() for t, _ in m.generate(prompts[:1], 24, temperature=0)] == eager
+        graphs[n_layers] = counters["stats"]["unique_graphs"]
+        cache = m.new_cache(1)
+        got = [m.forward_cached(torch.tensor([prompts[0]]), cache), m.forward_cached(torch.tensor([[5]]), cache)]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert graphs[2] == graphs[6] > 0, graphs
+    eager_batch = [t.tolist() for t, _ in make_model(n_layers=6).generate(prompts, 12, temperature=0)]
+    assert [t.tolist() for t, _ in m.generate(prompts, 12, temperature=0)] == eager_batch
+    torch._dynamo.reset()
