@@ -76,6 +76,7 @@ FOLLOW_UP = ("What about {n}?", "那{n}呢？")
 TRANSLATE = ("Translate into Chinese: {s}", "把这句话翻译成英文：{s}")  # English -> Chinese, Chinese -> English
 SYSTEM = ("You are a helpful assistant.", "你是一个乐于助人的助手。")
 DONT_KNOW = ("I don't know.", "我不知道。")
+EXTRA_WRONG = 4  # wrong values per fact beyond the two that may go to dev, train-only preference pairs
 # a question with numbered sources, exactly as rag.py's ground_messages writes it (change them together)
 RAG_PROMPT = ("Answer the question using only the sources below, and cite the source you used as [n].\n"
               "{sources}\nQuestion: {question}",
@@ -244,6 +245,7 @@ def chats(w, dev_frac=0.1):
     """(train, dev) SFT chats, (train, dev) preference pairs, (train, dev) GRPO prompts."""
     r = w.rng
     out = {k: ([], []) for k in ("sft", "pairs", "grpo")}
+    more_pairs = []  # the train-only extra wrong values, mixed in at the end (r's sequence stays as it was)
     is_dev = lambda *key: bucket(*key) < dev_frac  # noqa: E731
 
     for p in w.people:  # one question per fact and language
@@ -261,17 +263,27 @@ def chats(w, dev_frac=0.1):
                 # fact that was not asked for); each pair goes to train or dev on its own, so a dev pair is
                 # a new (prompt, rejected) combination: has the model learned which answer is right, or
                 # only which answers it has seen lose?
-                others = r.sample(sorted({o[lang][a] for o in w.people} - {p[lang][a]}), 2)
+                # Then EXTRA_WRONG more of them, train only and from their own generator (the rest of the
+                # world does not move): like InstructGPT's K ranked replies per prompt, several negatives
+                # per fact show that only one value is right, where two show only which replies lose.
+                more = random.Random(f"{p['en']['n']}/{a}/{lang}")
+                pool = sorted({o[lang][a] for o in w.people} - {p[lang][a]})
+                others = r.sample(pool, 2)
+                others += more.sample([v for v in pool if v not in others], min(EXTRA_WRONG, len(pool) - 2))
                 wrong = [fact(p, a, lang, **{a: v, **({"a_job": ("an " if v[0] in "aeiou" else "a ") + v}
                                                       if a == "job" and lang == "en" else {})}) for v in others]
-                if a == "pet":  # a pet is (kind, name): take another person's whole pet
-                    other = r.sample([o for o in w.people if o[lang]["pet_name"] != p[lang]["pet_name"]], 2)
+                if a == "pet":  # a pet is (kind, name): take other people's whole pets
+                    pool = [o for o in w.people if o[lang]["pet_name"] != p[lang]["pet_name"]]
+                    other = r.sample(pool, 2)
+                    other += more.sample([o for o in pool if o not in other], EXTRA_WRONG)
                     wrong = [fact(p, a, lang, pet=o[lang]["pet"], pet_name=o[lang]["pet_name"],
                                   **({"m": o[lang]["m"]} if lang == "zh" else {})) for o in other]
                 off_topic = fact(p, r.choice([x for x in ATTRS if x != a]), lang)  # true, but not what was asked
-                for i, bad in enumerate(wrong + [DONT_KNOW[lang == "zh"], off_topic]):
+                for i, bad in enumerate(wrong[:2] + [DONT_KNOW[lang == "zh"], off_topic]):
                     out["pairs"][is_dev("pair", p["en"]["n"], a, lang, i)].append(
                         {"prompt": question(p, a, lang, r.randrange(2)), "chosen": ans, "rejected": bad})
+                more_pairs.extend({"prompt": question(p, a, lang, more.randrange(2)), "chosen": ans, "rejected": bad}
+                                       for bad in wrong[2:])
     for _ in range(len(w.people) * 2):  # multi-turn: the same question about a second person
         lang, a = r.choice(("en", "zh")), r.choice(ATTRS)
         p1, p2 = r.sample(w.people, 2)
@@ -307,6 +319,8 @@ def chats(w, dev_frac=0.1):
     for train, dev in out.values():
         r.shuffle(train)
         r.shuffle(dev)
+    out["pairs"][0].extend(more_pairs)
+    random.Random(dev_frac).shuffle(out["pairs"][0])
     return out
 
 

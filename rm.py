@@ -12,6 +12,11 @@ with an optional margin m (Llama 2, Touvron et al. 2023) and an optional reward-
 (Eisenstein et al. 2023) that keeps rewards near 0:
 
     L = -log sigmoid(r_chosen - r_rejected - m) + center_coef * (r_chosen + r_rejected)^2
+        + lm_coef * NLL(chosen reply tokens)
+
+The last term (GRM, Yang et al. 2024) keeps the language-model head predicting the chosen replies
+while the backbone learns to score: the pair loss alone lets the backbone forget the facts that
+separate a right reply from a fluent wrong one, and the reward can then only judge style.
 
 Logs pair accuracy (r_chosen > r_rejected) and the mean margin r_chosen - r_rejected, on training
 batches and on the held-out dev pairs. Pairs whose chosen and rejected are identical (reported by
@@ -33,7 +38,7 @@ from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signa
                     set_lr, setup, shutdown, step_optimizer, stop_requested, wrap_model)
 from configurator import configure
 from data_formats import DataError, read_jsonl
-from model import ModelConfig, Transformer
+from model import IGNORE_INDEX, ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------
@@ -46,6 +51,7 @@ batch_size = 16          # pairs per micro-step per process (2 * batch_size sequ
 grad_accum = 1
 margin = 0.0             # m in the loss: demand r_chosen - r_rejected > m (0: plain Bradley-Terry)
 center_coef = 0.0        # reward centering weight (Eisenstein et al. use 0.01; 0: off)
+lm_coef = 1.0            # weight of the chosen replies' next-token loss (GRM regularizer; 0: off)
 lr = 3e-4
 min_lr = 3e-5
 weight_decay = 0.0
@@ -54,9 +60,9 @@ beta2 = 0.95
 grad_clip = 1.0
 lr_schedule = "cosine"
 warmup_steps = 10
-max_steps = 800          # the demo world: ~2 passes over its pairs
+max_steps = 1600         # the demo world: ~2 passes over its pairs
 dropout = 0.0
-eval_interval = 100
+eval_interval = 200
 log_interval = 10
 keep_last = 1
 device = "auto"
@@ -68,21 +74,27 @@ seed = 1337
 
 class RewardModel(Transformer):
     """The transformer with a scalar head: r = w . h_last + b, where h_last is the final (normed) hidden
-    state of each sequence's last real token. Padding sits after it, so causal attention keeps it out."""
+    state of each sequence's last real token. Padding sits after it, so causal attention keeps it out.
+    With lm_head=True the LM head also trains (the lm_coef term); otherwise an untied one is frozen."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, lm_head=False):
         super().__init__(cfg)
         self.reward_head = nn.Linear(cfg.dim, 1)
         nn.init.normal_(self.reward_head.weight, std=1 / math.sqrt(cfg.dim + 1))  # Stiennon et al. 2020
         nn.init.zeros_(self.reward_head.bias)
-        if not cfg.tie_embeddings:
+        if not cfg.tie_embeddings and not lm_head:
             self.output.weight.requires_grad_(False)  # the LM head is unused here (DDP wants every trained param used)
 
-    def forward(self, idx, lengths):
-        """idx (B, T) right-padded, lengths (B,) real lengths -> rewards (B,) float32."""
+    def forward(self, idx, lengths, targets=None):
+        """idx (B, T) right-padded, lengths (B,) real lengths -> rewards (B,) float32; with targets
+        (B', T) for the first B' rows (IGNORE_INDEX where not scored) -> (rewards, their mean NLL)."""
         h = self.hidden_states(idx)
         last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
-        return self.reward_head(last).squeeze(-1).float()
+        rewards = self.reward_head(last).squeeze(-1).float()
+        if targets is None:
+            return rewards
+        logits = self.output(h[:targets.shape[0]]).float()
+        return rewards, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def rm_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
@@ -96,27 +108,33 @@ def rm_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
 
 
 def encode_pairs(tokenizer, pairs, max_len):
-    """[(chosen_ids, rejected_ids)]: each reply rendered as the assistant turn after the prompt. Pairs
+    """[(chosen_ids, rejected_ids, chosen_mask)]: each reply rendered as the assistant turn after the
+    prompt; chosen_mask marks the chosen reply's tokens and its <|im_end|> (render_chat's mask). Pairs
     longer than max_len tokens are skipped; returns (encoded, number skipped)."""
     out, too_long = [], 0
     for p in pairs:
-        c, r = (tokenizer.render_chat(p["prompt"] + [{"role": "assistant", "content": p[k]}])[0]
-                for k in ("chosen", "rejected"))
+        (c, mask), (r, _) = (tokenizer.render_chat(p["prompt"] + [{"role": "assistant", "content": p[k]}])
+                             for k in ("chosen", "rejected"))
         if max(len(c), len(r)) > max_len:
             too_long += 1
         else:
-            out.append((c, r))
+            out.append((c, r, mask))
     return out, too_long
 
 
 def collate(pairs, pad_id):
-    """One right-padded batch of 2B sequences (the chosen ones, then the rejected ones) and their lengths."""
-    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    """One right-padded batch of 2B sequences (the chosen ones, then the rejected ones), their lengths,
+    and next-token targets for the B chosen rows: the reply's tokens, IGNORE_INDEX elsewhere."""
+    seqs = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
     lengths = torch.tensor([len(s) for s in seqs])
     idx = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         idx[i, :len(s)] = torch.tensor(s)
-    return idx, lengths
+    targets = torch.full((len(pairs), idx.shape[1]), IGNORE_INDEX, dtype=torch.long)
+    for i, (c, _, mask) in enumerate(pairs):
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        targets[i, :len(c) - 1][keep] = torch.tensor(c[1:])[keep]
+    return idx, lengths, targets
 
 
 def main():
@@ -129,7 +147,7 @@ def main():
     ckpt = load_checkpoint(src)
     model_cfg = ModelConfig.from_dict({**ckpt["model_config"], "dropout": dropout})
     tokenizer = Tokenizer.load(src)
-    model = RewardModel(model_cfg)
+    model = RewardModel(model_cfg, lm_head=lm_coef > 0)
     if not resume:  # the chat model's weights; the head starts fresh
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         if unexpected or set(missing) - {"reward_head.weight", "reward_head.bias"}:
@@ -159,11 +177,13 @@ def main():
     logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
     pairs_per_step = batch_size * grad_accum * ctx.world_size
 
-    def rewards(batch):
-        idx, lengths = collate(batch, tokenizer.pad_id)
+    def rewards(batch, lm=False):
+        """(r_chosen, r_rejected, NLL of the chosen replies or None unless lm)."""
+        idx, lengths, targets = collate(batch, tokenizer.pad_id)
         with ctx.autocast:
-            r = model(idx.to(ctx.device), lengths.to(ctx.device))
-        return r[:len(batch)], r[len(batch):]
+            out = model(idx.to(ctx.device), lengths.to(ctx.device), targets.to(ctx.device) if lm else None)
+        r, nll = out if lm else (out, None)
+        return r[:len(batch)], r[len(batch):], nll
 
     @torch.no_grad()
     def evaluate():
@@ -175,7 +195,7 @@ def main():
             # pair 0 with weight 0
             ids = list(range(start + ctx.rank * batch_size, start + (ctx.rank + 1) * batch_size))
             real = [i for i in ids if i < len(dev)]
-            r_c, r_r = rewards([dev[i] for i in real] or dev[:1])
+            r_c, r_r, _ = rewards([dev[i] for i in real] or dev[:1])
             loss, acc, mar = rm_loss(r_c, r_r, margin, center_coef)
             sums += torch.stack([loss, acc, mar]) * len(real)
         model.train()
@@ -202,23 +222,24 @@ def main():
         lr_now = get_lr(step, config)
         set_lr(optimizer, lr_now)
         ids = epoch_indices(step, pairs_per_step, len(train), seed)
-        stats = torch.zeros(3, device=ctx.device)
+        stats = torch.zeros(4, device=ctx.device)
         for micro in range(grad_accum):
             mine = ids[(micro * ctx.world_size + ctx.rank) * batch_size:][:batch_size]
             grad_sync(model, micro == grad_accum - 1)
-            r_c, r_r = rewards([train[i] for i in mine])
+            r_c, r_r, nll = rewards([train[i] for i in mine], lm=lm_coef > 0)
             loss, acc, mar = rm_loss(r_c, r_r, margin, center_coef)
-            ctx.scaler.scale(loss / grad_accum).backward()
-            stats += torch.stack([loss.detach(), acc, mar.detach()]) / grad_accum
+            nll = nll if nll is not None else torch.zeros((), device=ctx.device)
+            ctx.scaler.scale((loss + lm_coef * nll) / grad_accum).backward()
+            stats += torch.stack([loss.detach(), acc, mar.detach(), nll.detach()]) / grad_accum
         grad_norm = step_optimizer(model, optimizer, ctx.scaler, grad_clip)
-        train_loss, train_acc, train_margin = all_reduce_mean(ctx, stats).tolist()
+        train_loss, train_acc, train_margin, train_nll = all_reduce_mean(ctx, stats).tolist()
         if not math.isfinite(train_loss):
             die(f"loss {train_loss} at step {step + 1}: training diverged; try a lower lr")
         timed += 1
         if (step + 1) % log_interval == 0 or step == start_step:
             dt = (time.perf_counter() - t0) / timed
             logger.log({"step": step + 1, "max_steps": max_steps, "loss": train_loss, "accuracy": train_acc,
-                        "margin": train_margin, "lr": lr_now, "grad_norm": grad_norm.item(), "step_ms": 1000 * dt})
+                        "margin": train_margin, **({"lm_loss": train_nll} if lm_coef else {}), "lr": lr_now, "grad_norm": grad_norm.item(), "step_ms": 1000 * dt})
             t0, timed = time.perf_counter(), 0
         if stop_requested(ctx):
             save(step + 1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common import load_reward_fn
-from model import ModelConfig
+from model import ModelConfig, Transformer
 from rm import RewardModel, collate, encode_pairs, rm_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,11 +53,11 @@ def test_the_head_reads_the_last_real_token_not_padding(tok):
     enc, too_long = encode_pairs(tok, pairs, 96)
     assert too_long == 0 and enc[0][0] == tok.render_chat(pairs[0]["prompt"] + [
         {"role": "assistant", "content": "Kami lives in Lobota."}])[0]
-    idx, lengths = collate(enc, tok.pad_id)
+    idx, lengths, _ = collate(enc, tok.pad_id)
     assert idx.shape[0] == 4 and len(set(lengths.tolist())) > 1      # rows of different lengths, padded
     batched = model(idx, lengths)
     with torch.no_grad():
-        for i, s in enumerate([c for c, _ in enc] + [r for _, r in enc]):
+        for i, s in enumerate([c for c, _, _ in enc] + [r for _, r, _ in enc]):
             alone = model(torch.tensor([s]), torch.tensor([len(s)]))
             by_hand = model.reward_head(model.hidden_states(torch.tensor([s]))[0, -1])
             assert batched[i].item() == pytest.approx(alone.item(), abs=1e-5)
@@ -69,6 +69,29 @@ def test_the_head_reads_the_last_real_token_not_padding(tok):
         assert torch.allclose(model(noisy, lengths), batched, atol=1e-5)
         full = torch.full_like(lengths, idx.shape[1])
         assert not torch.allclose(model(noisy, full)[pad.any(1)], batched[pad.any(1)], atol=1e-3)
+
+
+def test_lm_term_is_the_chosen_replies_next_token_loss_and_nothing_else(tok):
+    """The GRM term scores exactly the chosen reply's tokens and its <|im_end|>: not the prompt, not the
+    rejected reply, not padding; checked against a cross-entropy written out row by row."""
+    model = tiny_rm(tok.vocab_size, seed=1)
+    pairs = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does Kami live?"}],
+              "chosen": "Kami lives in Lobota.", "rejected": "I don't know."},
+             {"prompt": [{"role": "user", "content": "3 + 9?"}], "chosen": "12.", "rejected": "3 + 9 = 11, I think."}]
+    enc, _ = encode_pairs(tok, pairs, 96)
+    idx, lengths, targets = collate(enc, tok.pad_id)
+    assert targets.shape == (2, idx.shape[1])
+    with torch.no_grad():
+        rewards, nll = model(idx, lengths, targets)
+        assert torch.allclose(rewards, model(idx, lengths))
+        terms = []
+        for p in pairs:
+            ids, mask = tok.render_chat(p["prompt"] + [{"role": "assistant", "content": p["chosen"]}])
+            logp = torch.log_softmax(Transformer.forward(model, torch.tensor([ids]))[0][0].float(), -1)
+            terms += [-logp[j - 1, ids[j]].item() for j in range(1, len(ids)) if mask[j]]
+            assert ids[max(j for j in range(len(ids)) if mask[j])] == tok.im_end_id
+        assert nll.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+        assert int((targets != -100).sum()) == len(terms)
 
 
 def test_over_long_pairs_are_counted_and_skipped(tok):
