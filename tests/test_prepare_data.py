@@ -386,6 +386,27 @@ def test_demo_world_deterministic_and_sound(tmp_path):
     assert demo_world.fact(person, "town", "zh") in a["corpus/people.txt"].decode()
 
 
+def test_extra_wrong_values_are_train_only_and_move_nothing_else(monkeypatch):
+    """EXTRA_WRONG adds train pairs and nothing else: with none, every other file of the world (SFT,
+    GRPO, dev pairs) is the same, the train pairs are a subset; per fact every rejected value is a
+    different one, and no dev pair's rejected reply appears among the train pairs of its question."""
+    def world():
+        return demo_world.chats(demo_world.World(7, n_people=24, n_towns=5, n_rag=6))
+    more, extra = world(), demo_world.EXTRA_WRONG
+    monkeypatch.setattr(demo_world, "EXTRA_WRONG", 0)
+    base = world()
+    key = lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False)  # noqa: E731
+    assert more["sft"] == base["sft"] and more["grpo"] == base["grpo"] and more["pairs"][1] == base["pairs"][1]
+    train, train0 = [key(r) for r in more["pairs"][0]], {key(r) for r in base["pairs"][0]}
+    assert train0 < set(train) and len(train) == len(set(train)) and len(train) > 2 * len(train0)
+    by_answer = {}
+    for r in more["pairs"][0]:
+        by_answer.setdefault(r["chosen"], []).append(r["rejected"])
+    assert all(len(v) == len(set(v)) for v in by_answer.values())
+    assert max(len(v) for v in by_answer.values()) == 4 + extra  # a fact none of whose four pairs went to dev
+    assert not {(r["chosen"], r["rejected"]) for r in more["pairs"][1]} & {(r["chosen"], r["rejected"]) for r in more["pairs"][0]}
+
+
 def test_demo_end_to_end(tmp_path, capsys):
     problems = prepare_data.demo(str(tmp_path / "demo"), vocab_size=700, num_proc=2, n_people=20)
     assert problems == 0
