@@ -14,22 +14,36 @@ for the policy and ref for the reference, the DPO loss (Rafailov et al. 2023, eq
 
 beta (default 0.1) sets how far the policy may move from the reference. label_smoothing eps > 0 gives
 conservative DPO (Mitchell 2023), for labels that are wrong with probability eps; loss_type=ipo gives
-IPO (Azar et al. 2023), a squared loss that does not push the margin to infinity; rpo_alpha > 0 adds
-the chosen reply's NLL (RPO, Pang et al. 2024). The implicit reward of a reply is beta * (lp - ref);
-like TRL we log rewards/chosen, rewards/rejected, rewards/accuracies (chosen reward > rejected) and
-rewards/margins, on training batches and on the dev pairs. Also on the dev pairs: likelihood_acc, how
+IPO (Azar et al. 2023), a squared loss that does not push the margin to infinity; rpo_alpha > 0 (1 by
+default) adds the chosen reply's per-token NLL (RPO, Pang et al. 2024; Llama 3's DPO stage has this
+term too): DPO alone also lowers the chosen replies' likelihood, and with it the answers.
+
+On-policy negatives (self_play = n > 0, SPIN: Chen et al. 2024): before training, the reference samples
+n replies (temperature 1) to every distinct (prompt, chosen) of the training pairs, and each sample
+that differs from chosen joins the data as (prompt, chosen, sample). Written pairs say which replies
+lose in general; these say which mistakes THIS model makes, and pushing those down is what carries
+over to questions it never trained on (README: without them DPO costs answer accuracy here). The
+assumption, as in SPIN, is that a sample unlike the chosen reply is worse: true for short factual
+answers, not for open-ended ones, where self_play=0 is the safe setting. The pairs are written to
+out_dir/self_play.jsonl, and a resumed run reads them back.
+
+The implicit reward of a reply is beta * (lp - ref); like TRL we log rewards/chosen, rewards/rejected,
+rewards/accuracies (chosen reward > rejected) and rewards/margins, on training batches and on the dev pairs. Also on the dev pairs: likelihood_acc, how
 often the policy alone prefers the chosen reply (lp_c > lp_r; at step 0 that is the SFT model's
 preference accuracy, the baseline), and answer_acc, greedy replies to answer_data's chats matched
 exactly, to see that preference training does not hurt answering. Identical and over-long pairs are
 counted and skipped.
 Reads init_from/{ckpt.pt, tokenizer.model}, data, dev_data, answer_data; writes
-out_dir/{ckpt.pt, ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl}. SIGTERM or Ctrl-C saves
+out_dir/{ckpt.pt, ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl, self_play.jsonl}. SIGTERM or Ctrl-C saves
 and exits; --init_from=resume continues exactly where it stopped, against the same reference.
 """
+import json
 import math
+import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die,
@@ -51,7 +65,9 @@ out_dir = "out/dpo"
 beta = 0.1
 label_smoothing = 0.0    # conservative DPO: eps, the assumed probability that a label is flipped
 loss_type = "sigmoid"    # sigmoid (DPO) | ipo
-rpo_alpha = 0.0          # > 0: add the chosen reply's per-token NLL with this weight (RPO), keeps it likely
+rpo_alpha = 1.0          # > 0: add the chosen reply's per-token NLL with this weight (RPO), keeps it likely
+self_play = 4            # > 0: this many replies sampled from the reference per distinct (prompt, chosen)
+                         # become extra rejected replies where they differ from chosen (SPIN); 0: data only
 batch_size = 16          # pairs per micro-step per process
 grad_accum = 1
 lr = 5e-5
@@ -132,6 +148,27 @@ def dpo_loss(lp_c, lp_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, loss_type=
                            "rewards/margins": (chosen - rejected).mean()}
 
 
+def self_play_pairs(ref, tokenizer, pairs, n, max_new_tokens, ctx, seed):
+    """SPIN's negatives: n replies sampled (temperature 1) from the reference for each distinct
+    (prompt, chosen) among pairs; each reply that differs from chosen makes a pair. The ranks split the
+    prompts and gather the pairs, so every rank ends up with the same list."""
+    distinct = list({(json.dumps(p["prompt"], ensure_ascii=False), p["chosen"]): p for p in pairs}.values())
+    mine = distinct[ctx.rank::ctx.world_size]
+    g = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
+    out = []
+    for _ in range(n):
+        with ctx.autocast:
+            replies = generate_replies(ref, tokenizer, [p["prompt"] for p in mine], max_new_tokens, temperature=1.0,
+                                       generator=g)
+        out += [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": r.strip()}
+                for p, r in zip(mine, replies) if r.strip() != p["chosen"].strip()]
+    if ctx.ddp:
+        parts = [None] * ctx.world_size
+        dist.all_gather_object(parts, out, group=ctx.cpu_group)
+        out = [p for part in parts for p in part]
+    return out, len(distinct) * n
+
+
 def main():
     config = configure(globals())
     ctx = setup(config)
@@ -156,6 +193,21 @@ def main():
         chats = read_jsonl(answer_data, "sft", log=print0) if answer_data else []
     except DataError as e:
         die(str(e))
+    if self_play:
+        path = os.path.join(out_dir, "self_play.jsonl")
+        if resume:
+            extra = read_jsonl(path, "pairs", log=print0)
+        else:
+            t0 = time.perf_counter()
+            extra, drawn = self_play_pairs(ref, tokenizer, train_pairs, self_play, answer_tokens, ctx, seed)
+            print0(f"self-play: {drawn} replies sampled from the reference in {time.perf_counter() - t0:.0f}s, "
+                   f"{len(extra)} differ from the chosen reply and become rejected ones")
+            if ctx.master:
+                os.makedirs(out_dir, exist_ok=True)
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in extra)
+                os.replace(path + ".tmp", path)
+        train_pairs = train_pairs + extra
     train, dev = ([e for e in (encode_pair(tokenizer, p, model_cfg.max_seq_len) for p in ps) if e]
                   for ps in (train_pairs, dev_pairs))
     print0(f"pairs: {len(train)} train, {len(dev)} dev; skipped as longer than {model_cfg.max_seq_len} tokens: "

@@ -131,6 +131,30 @@ def test_a_few_steps_raise_the_chosen_reward(tok):
 
 
 @pytest.mark.slow
+def test_self_play_pairs_are_the_reference_s_own_wrong_replies(tok, monkeypatch):
+    """SPIN negatives: one sample per distinct (prompt, chosen) and round, at temperature 1, from the model
+    given; a sample equal to the chosen reply (up to surrounding spaces) makes no pair; reproducible."""
+    import contextlib
+    from types import SimpleNamespace
+    import dpo
+    ctx = SimpleNamespace(rank=0, world_size=1, ddp=False, device="cpu", autocast=contextlib.nullcontext())
+    pairs = PAIRS + [dict(PAIRS[0], rejected="Kami lives in Sodi.")]  # same question and answer: one prompt
+    calls = []
+
+    def fake(model, tokenizer, conversations, max_new_tokens, temperature, generator):
+        calls.append((len(conversations), temperature))
+        return [" Kami lives in Lobota. ", f"4 + 4 = {len(calls)}."]  # the first is right, the second wrong
+    monkeypatch.setattr(dpo, "generate_replies", fake)
+    out, drawn = dpo.self_play_pairs(None, tok, pairs, 3, 16, ctx, seed=0)
+    assert drawn == 6 and calls == [(2, 1.0)] * 3
+    assert out == [{"prompt": PAIRS[1]["prompt"], "chosen": "4 + 4 = 8.", "rejected": f"4 + 4 = {i}."} for i in (1, 2, 3)]
+    monkeypatch.undo()
+    model = tiny_model(tok.vocab_size)
+    a, _ = dpo.self_play_pairs(model, tok, pairs, 2, 12, ctx, seed=5)
+    b, _ = dpo.self_play_pairs(model, tok, pairs, 2, 12, ctx, seed=5)
+    assert a == b and len(a) == 4 and all(p["rejected"] != p["chosen"] for p in a)
+
+
 def test_trains_under_two_process_torchrun(tok, tmp_path):
     init = tmp_path / "init"
     os.makedirs(init)
@@ -150,11 +174,17 @@ def test_trains_under_two_process_torchrun(tok, tmp_path):
            os.path.join(ROOT, "dpo.py"), f"--init_from={init}", f"--out_dir={out}", f"--data={tmp_path / 'pairs.jsonl'}",
            f"--dev_data={tmp_path / 'dev.jsonl'}", f"--answer_data={tmp_path / 'chats.jsonl'}", "--device=cpu",
            "--dtype=float32", "--batch_size=3", "--max_steps=6", "--eval_interval=3", "--log_interval=1",
-           "--lr=3e-3", "--warmup_steps=1", "--answer_tokens=8"]
+           "--lr=3e-3", "--warmup_steps=1", "--answer_tokens=8", "--rpo_alpha=0", "--self_play=2"]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "chosen and rejected are identical" in p.stdout and "32 train, 8 dev" in p.stdout
-    assert "longer than 64 tokens: 1 train, 0 dev" in p.stdout
+    # self-play: the two ranks sample for half of the 33 distinct prompts each and gather into one list
+    # (its pairs for the too-long answer are too long as well, and skipped like it)
+    extra = [json.loads(line) for line in open(out / "self_play.jsonl")]
+    assert {r["prompt"][0]["content"] for r in extra} == {r["prompt"] for r in rows[:32]} | {"Hi"}
+    assert "66 replies sampled" in p.stdout and all(r["rejected"] != r["chosen"] for r in extra)
+    long = sum(r["prompt"][0]["content"] == "Hi" for r in extra)
+    assert "chosen and rejected are identical" in p.stdout and f"{32 + len(extra) - long} train, 8 dev" in p.stdout
+    assert f"longer than 64 tokens: {1 + long} train, 0 dev" in p.stdout
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = [r for r in recs if "dev_loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
