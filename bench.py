@@ -10,8 +10,8 @@ except, on CUDA, the datasheet peak shown beside the measured one).
     python bench.py all                # all of the above, sized for ~5 minutes on a 2-core CPU
 
 Each subcommand prints a table and appends one JSON line per measurement to --results
-(bench_results.jsonl). Options: --size (train: 15m | 50m | 1b, decode: 100m | ...), --dtype,
---compile, --steps; `python bench.py train --help` lists them.
+(bench_results.jsonl). Options: --sizes (train: 15m,50m,100m,1b), --size (decode, generate, serve),
+--dtypes, --compile (on | off | both; `all` runs both), --seconds; `python bench.py --help` lists them.
 """
 import argparse
 import contextlib
@@ -126,6 +126,7 @@ def bench_train(a, out):
 
 def bench_decode(a, out):
     device = a.device
+    rows, bws = [], []
     for dtype in a.dtypes.split(","):
         for compile_ in ([False, True] if a.compile == "both" else [a.compile == "on"]):
             model = build(a.size, 1024, device, getattr(torch, dtype)).eval()
@@ -138,20 +139,25 @@ def bench_decode(a, out):
                 for _ in model.generate(prompt, a.tokens, temperature=0):
                     pass
             run()  # warm-up (and compilation)
-            # The bound is measured right before and right after the timing and the higher one is kept:
-            # a shared machine's memory bandwidth drifts by tens of percent over minutes (43-74 GB/s
-            # on the 2-core CPU), so a figure from the start of the run would flatter or punish a row.
-            bw = measure_bandwidth(device)
+            bws.append(measure_bandwidth(device))
             dt = min(timed(run, device, 0) for _ in range(a.repeats))
-            bw = max(bw, measure_bandwidth(device))
-            tok_s = a.tokens / dt
-            bound = bw / wbytes
-            out(dict(bench="decode", size=a.size, params=model.num_params(), dtype=dtype, compile=compile_,
-                     weight_mb=wbytes / 1e6, tokens_per_s=tok_s, bandwidth_gbs=bw / 1e9, bound_tokens_per_s=bound,
-                     fraction_of_bound=tok_s / bound),
-                f"decode {a.size} {dtype:>8} compile={str(compile_):5} {tok_s:8.1f} tok/s   bound "
-                f"{bound:7.1f} tok/s ({wbytes / 1e6:.0f} MB weights / {bw / 1e9:.1f} GB/s)  -> {tok_s / bound:6.1%}")
+            bws.append(measure_bandwidth(device))
+            rows.append(dict(bench="decode", size=a.size, params=model.num_params(), dtype=dtype, compile=compile_,
+                             weight_mb=wbytes / 1e6, tokens_per_s=a.tokens / dt))
             del model
+    # The bandwidth is measured before and after every row, and every row is held to the highest of all
+    # those measurements: a shared machine's memory bandwidth drifts by tens of percent over minutes
+    # (43-74 GB/s on the 2-core CPU), and a bound taken at a slow moment would flatter its row.
+    bw = max(bws)
+    for r in rows:
+        bound = bw / (r["weight_mb"] * 1e6)
+        r.update(bandwidth_gbs=bw / 1e9, bandwidth_gbs_all=[round(x / 1e9, 1) for x in bws], bound_tokens_per_s=bound,
+                 fraction_of_bound=r["tokens_per_s"] / bound)
+        out(r, f"decode {a.size} {r['dtype']:>8} compile={str(r['compile']):5} {r['tokens_per_s']:8.1f} tok/s   "
+               f"bound {bound:7.1f} tok/s ({r['weight_mb']:.0f} MB weights / {bw / 1e9:.1f} GB/s)  "
+               f"-> {r['fraction_of_bound']:6.1%}")
+    print(f"decode bandwidth measurements (GB/s, before and after each row): "
+          f"{', '.join(f'{x / 1e9:.1f}' for x in bws)}; the bound uses the highest")
 
 
 # ---- generate: batched sampling ----------------------------------------------------------------------
@@ -288,7 +294,8 @@ def main():
     p.add_argument("--sizes", default="15m", help="train: comma-separated model sizes " + "/".join(SIZES))
     p.add_argument("--size", default="100m", help="decode/generate/serve: model size")
     p.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16")
-    p.add_argument("--compile", choices=("on", "off", "both"), default="off")
+    p.add_argument("--compile", choices=("on", "off", "both"), default=None,
+                   help="train/decode (default: off; 'all' runs both, as the targets are about compiled steps)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--seconds", type=float, default=3.0, help="train: seconds timed per configuration")
@@ -312,9 +319,10 @@ def main():
             f.write(json.dumps({**row, **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
     jobs = ["train", "decode", "generate", "serve", "data"] if a.what == "all" else [a.what]
+    a.compile = a.compile or ("both" if a.what == "all" else "off")
     for job in jobs:
         if job == "train" and a.dtypes is None:
-            a.dtypes = "bfloat16,float32"
+            a.dtypes = "bfloat16" if a.what == "all" else "bfloat16,float32"  # all: the target's dtype
         if job == "decode":
             a.dtypes = a.dtypes if a.what != "all" and a.dtypes else "float32,bfloat16"
         globals()["bench_" + job](a, out)
