@@ -129,7 +129,7 @@ class Linear(nn.Linear):
     MKL's GEMV, which runs on a single core and streams ~17 GB/s on this project's 2-core AMD machine,
     where a plain sum reads 57 GB/s. Written as a multiply and a sum over the input dimension, inductor
     compiles it to one vectorized, multi-threaded reduction that reads the matrix once at memory speed
-    (56 GB/s, README "Speed on this machine"). Eager, that form would first write the whole product
+    (56 GB/s; README "Benchmarks"). Eager, that form would first write the whole product
     out, so it is used only while compiling; every other case keeps F.linear (GEMM for many rows)."""
 
     def __init__(self, in_features, out_features):
