@@ -196,6 +196,8 @@ def main():
     if self_play:
         path = os.path.join(out_dir, "self_play.jsonl")
         if resume:
+            if not os.path.isfile(path):
+                die(f"{path} is missing: the run being resumed did not use self-play; resume it with --self_play=0")
             extra = read_jsonl(path, "pairs", log=print0)
         else:
             t0 = time.perf_counter()

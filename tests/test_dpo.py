@@ -197,3 +197,40 @@ def test_trains_under_two_process_torchrun(tok, tmp_path):
     from common import load_model
     model, _, ckpt = load_model(str(out))
     assert ckpt["step"] == 6 and ckpt["reference"] == str(init)
+
+
+def test_resume_with_self_play_continues_exactly(tok, tmp_path):
+    """A run stopped after 2 steps and resumed to 4 ends with the weights of a run that went straight to
+    4: the self-play pairs are read back from out_dir, not sampled anew. Resuming a run without them
+    with self-play on is refused in one line."""
+    init = tmp_path / "init"
+    os.makedirs(init)
+    lm = tiny_model(tok.vocab_size, max_seq_len=64)
+    torch.save({"model": lm.state_dict(), "model_config": lm.cfg.to_dict(), "step": 0, "config": {}}, init / "ckpt.pt")
+    tok.save(str(init))
+    rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.", "rejected": "I don't know."}
+            for a in range(6) for b in range(3)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [sys.executable, os.path.join(ROOT, "dpo.py"), f"--data={tmp_path / 'pairs.jsonl'}",
+              f"--dev_data={tmp_path / 'pairs.jsonl'}", "--answer_data=", "--device=cpu", "--dtype=float32",
+              "--batch_size=4", "--eval_interval=100", "--lr=3e-3", "--warmup_steps=0", "--lr_schedule=constant",
+              "--self_play=1", "--answer_tokens=8"]
+
+    def run(*args):
+        p = subprocess.run(common + list(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        return p
+
+    for args in ([f"--init_from={init}", f"--out_dir={tmp_path / 'straight'}", "--max_steps=4"],
+                 [f"--init_from={init}", f"--out_dir={tmp_path / 'split'}", "--max_steps=2"],
+                 ["--init_from=resume", f"--out_dir={tmp_path / 'split'}", "--max_steps=4"]):
+        p = run(*args)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "self-play" not in p.stdout  # the resumed leg read the pairs back
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    os.remove(tmp_path / "split" / "self_play.jsonl")
+    p = run("--init_from=resume", f"--out_dir={tmp_path / 'split'}", "--max_steps=6")
+    assert p.returncode != 0 and "did not use self-play" in p.stderr + p.stdout
