@@ -239,7 +239,8 @@ def main():
         if (step + 1) % log_interval == 0 or step == start_step:
             dt = (time.perf_counter() - t0) / timed
             logger.log({"step": step + 1, "max_steps": max_steps, "loss": train_loss, "accuracy": train_acc,
-                        "margin": train_margin, **({"lm_loss": train_nll} if lm_coef else {}), "lr": lr_now, "grad_norm": grad_norm.item(), "step_ms": 1000 * dt})
+                        "margin": train_margin, **({"lm_loss": train_nll} if lm_coef else {}), "lr": lr_now,
+                        "grad_norm": grad_norm.item(), "step_ms": 1000 * dt})
             t0, timed = time.perf_counter(), 0
         if stop_requested(ctx):
             save(step + 1)

@@ -131,6 +131,15 @@ def test_a_few_steps_raise_the_chosen_reward(tok):
 
 
 @pytest.mark.slow
+def save_init(tok, init):
+    """A tiny random model saved as an SFT run dir (ckpt.pt + tokenizer) for dpo.py to start from."""
+    os.makedirs(init)
+    lm = tiny_model(tok.vocab_size, max_seq_len=64)
+    torch.save({"model": lm.state_dict(), "model_config": lm.cfg.to_dict(), "step": 0, "config": {}}, init / "ckpt.pt")
+    tok.save(str(init))
+    return init
+
+
 def test_self_play_pairs_are_the_reference_s_own_wrong_replies(tok, monkeypatch):
     """SPIN negatives: one sample per distinct (prompt, chosen) and round, at temperature 1, from the model
     given; a sample equal to the chosen reply (up to surrounding spaces) makes no pair; reproducible."""
@@ -156,11 +165,7 @@ def test_self_play_pairs_are_the_reference_s_own_wrong_replies(tok, monkeypatch)
 
 
 def test_trains_under_two_process_torchrun(tok, tmp_path):
-    init = tmp_path / "init"
-    os.makedirs(init)
-    lm = tiny_model(tok.vocab_size, max_seq_len=64)
-    torch.save({"model": lm.state_dict(), "model_config": lm.cfg.to_dict(), "step": 0, "config": {}}, init / "ckpt.pt")
-    tok.save(str(init))
+    init = save_init(tok, tmp_path / "init")
     rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.", "rejected": "I don't know."}
             for a in range(10) for b in range(4)]
     rows.append({"prompt": "Hi", "chosen": "Same.", "rejected": "Same."})              # identical: skipped
@@ -203,11 +208,7 @@ def test_resume_with_self_play_continues_exactly(tok, tmp_path):
     """A run stopped after 2 steps and resumed to 4 ends with the weights of a run that went straight to
     4: the self-play pairs are read back from out_dir, not sampled anew. Resuming a run without them
     with self-play on is refused in one line."""
-    init = tmp_path / "init"
-    os.makedirs(init)
-    lm = tiny_model(tok.vocab_size, max_seq_len=64)
-    torch.save({"model": lm.state_dict(), "model_config": lm.cfg.to_dict(), "step": 0, "config": {}}, init / "ckpt.pt")
-    tok.save(str(init))
+    init = save_init(tok, tmp_path / "init")
     rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.", "rejected": "I don't know."}
             for a in range(6) for b in range(3)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
