@@ -271,8 +271,9 @@ def test_cpu_math_attention_equals_sdpa(n_kv_heads):
 
 def test_compiled_decode_equals_eager_and_compiles_once_for_all_layers():
     """compile_for_decode: the one-row multiply-sum (model.Linear) gives eager's logits and greedy tokens,
-    batched rows (the GEMM path) too; and the blocks share their compiled graphs: a 6-layer model
-    compiles as many graphs as a 2-layer one (the cache slice, not the layer index, goes into a block)."""
+    batched rows (the GEMM path) too; and the whole step is one graph per kind of call (prefill, decode),
+    whatever the depth: a 6-layer model compiles as many graphs as a 2-layer one (each block gets its
+    cache slice, not a layer index that dynamo would specialize on)."""
     from torch._dynamo.utils import counters
     from model import Linear
     torch.manual_seed(0)
