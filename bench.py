@@ -132,7 +132,7 @@ def bench_decode(a, out):
     apart), held to weight bytes / memory bandwidth, the fastest any batch-1 decode can read them.
 
     This machine's memory bandwidth is shared with other tenants and drifts by tens of percent within a
-    minute (41-74 GB/s on the 2-core CPU), so a bound measured a minute away measures the neighbours,
+    minute (33-74 GB/s on the 2-core CPU), so a bound measured a minute away measures the neighbours,
     not the program. Each repeat is therefore timed between two bandwidth measurements and held to the
     higher of the two; a row reports its median repeat. The run's highest bandwidth is printed too."""
     device = a.device
@@ -156,12 +156,13 @@ def bench_decode(a, out):
             run()  # warm-up (and compilation)
             reps = []
             bw = measure_bandwidth(device)
+            run_bws.append(bw)
             for _ in range(a.repeats):
                 prefill, dt = run()
                 bw_after = measure_bandwidth(device)
                 reps.append(dict(tokens_per_s=1 / dt, prefill_ms=prefill * 1e3, bandwidth_gbs=max(bw, bw_after) / 1e9,
                                  fraction_of_bound=wbytes / max(bw, bw_after) / dt))
-                run_bws += [bw, bw_after]
+                run_bws.append(bw_after)
                 bw = bw_after
             med = sorted(reps, key=lambda r: r["fraction_of_bound"])[len(reps) // 2]
             rows.append(dict(bench="decode", size=a.size, params=model.num_params(), dtype=dtype, compile=compile_,
@@ -178,7 +179,7 @@ def bench_decode(a, out):
                f"(repeats {each}; "
                f"{r['fraction_of_run_max_bound']:.0%} of the run's best {top / 1e9:.1f} GB/s)")
     print(f"decode: tokens/s after the prompt, median of {a.repeats} repeats, each held to the higher of the "
-          f"bandwidths measured just before and after it (GB/s over the run: {', '.join(f'{x / 1e9:.0f}' for x in run_bws)})")
+          f"bandwidths measured just before and after it (GB/s, in order: {', '.join(f'{x / 1e9:.0f}' for x in run_bws)})")
 
 
 # ---- generate: batched sampling ----------------------------------------------------------------------
@@ -327,6 +328,8 @@ def main():
     p.add_argument("--data_mb", type=float, default=40, help="data: MB of text to tokenize")
     p.add_argument("--results", default="bench_results.jsonl")
     a = p.parse_args()
+    if a.tokens < 2:
+        p.error("--tokens must be at least 2 (decode times the tokens after the first)")
     if a.threads:
         torch.set_num_threads(a.threads)
     env = dict(host=platform.node(), cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),

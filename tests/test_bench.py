@@ -1,0 +1,52 @@
+"""bench.py: each number is held to the limit measured right around it (a shared machine's bandwidth
+and matmul peak drift within a minute). The measurements are replaced by fixed sequences, so the
+arithmetic of the ratios is checked exactly; the model and its timing are real (a tiny model)."""
+import subprocess
+import sys
+import types
+
+import pytest
+
+import bench
+
+TINY = dict(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1)
+
+
+@pytest.fixture(autouse=True)
+def tiny_size(monkeypatch):
+    monkeypatch.setitem(bench.SIZES, "tiny", TINY)
+
+
+def test_decode_repeat_is_held_to_the_higher_bandwidth_measured_around_it(monkeypatch):
+    measured = iter([10e9, 40e9, 20e9, 30e9])   # before repeat 1, after 1, after 2, after 3
+    monkeypatch.setattr(bench, "measure_bandwidth", lambda device: next(measured))
+    a = types.SimpleNamespace(device="cpu", dtypes="float32", compile="off", size="tiny", prompt_len=4, tokens=8,
+                              repeats=3)
+    rows = []
+    bench.bench_decode(a, lambda row, line: rows.append(row))
+    (r,) = rows
+    assert [x["bandwidth_gbs"] for x in r["repeats"]] == [40, 40, 30]
+    wbytes = r["weight_mb"] * 1e6
+    for x in r["repeats"]:
+        assert x["fraction_of_bound"] == pytest.approx(x["tokens_per_s"] * wbytes / (x["bandwidth_gbs"] * 1e9))
+        assert x["prefill_ms"] > 0
+    assert r["fraction_of_bound"] == sorted(x["fraction_of_bound"] for x in r["repeats"])[1]   # the median
+    assert r["fraction_of_run_max_bound"] == pytest.approx(r["tokens_per_s"] * wbytes / 40e9)
+
+
+def test_train_step_is_held_to_the_higher_peak_measured_around_it(monkeypatch):
+    measured = iter([2e9, 3e9])                  # just before and just after the timed steps
+    monkeypatch.setattr(bench, "measure_matmul_peak", lambda device, dtype: next(measured))
+    a = types.SimpleNamespace(device="cpu", sizes="tiny", dtypes="float32", compile="off", batch_size=2, seq_len=16,
+                              seconds=0.05)
+    rows = []
+    bench.bench_train(a, lambda row, line: rows.append(row))
+    (r,) = rows
+    assert r["peak_tflops"] == pytest.approx(3e-3)
+    assert r["mfu"] == pytest.approx(r["achieved_tflops"] * 1e12 / 3e9)
+
+
+def test_decode_needs_two_tokens(tmp_path):
+    p = subprocess.run([sys.executable, bench.__file__, "decode", "--tokens=1", f"--results={tmp_path}/r.jsonl"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--tokens must be at least 2" in p.stderr
