@@ -360,17 +360,19 @@ class Transformer(nn.Module):
         memory-speed reductions. One graph for the whole step, rather than one compiled module per block,
         saves their per-call guard checks and Python: 6-10% of a 100M model's decode step here (README
         "Benchmarks"). The first tokens of each new shape pay for compilation."""
-        self._cached_blocks = torch.compile(self._cached_blocks_eager, dynamic=True)
+        # The plain function, compiled, takes the model as an argument (not a bound method holding it), so
+        # a copy of the model (copy.deepcopy) runs its own weights: dynamo guards on which model it gets.
+        self._compiled_blocks = torch.compile(Transformer._cached_blocks, dynamic=True)
         return self
 
-    def _cached_blocks_eager(self, x, cos, sin, mask, ks, vs, span, rows, where, last):
+    _compiled_blocks = None
+
+    def _cached_blocks(self, x, cos, sin, mask, ks, vs, span, rows, where, last):
         """The body of forward_cached: every block over the cache, then the LM head at `last`."""
         for layer, K, V in zip(self.layers, ks, vs):
             x = layer(x, cos, sin, mask, cache=(K, V, span, rows, where))
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         return self.output(self.norm(x)).float()
-
-    _cached_blocks = _cached_blocks_eager  # compile_for_decode replaces it on the instance
 
     def forward_cached(self, idx, cache, rows=None, lengths=None):
         """Append idx (b, T) to the cache rows `rows` (LongTensor of row ids; None = all rows, in order)
@@ -397,8 +399,9 @@ class Transformer(nn.Module):
         else:                          # key j is visible to the query at absolute position p iff j <= p
             mask = (torch.arange(cache.span, device=idx.device) <= pos[:, :, None]).unsqueeze(1)
         cos, sin = self._rope(pos)
-        logits = self._cached_blocks(self.tok_embeddings(idx), cos, sin, mask, cache.k, cache.v, cache.span,
-                                     rows, s0 if uniform else pos, None if lengths is None else lengths - 1)
+        blocks = self._compiled_blocks or Transformer._cached_blocks
+        logits = blocks(self, self.tok_embeddings(idx), cos, sin, mask, cache.k, cache.v, cache.span,
+                        rows, s0 if uniform else pos, None if lengths is None else lengths - 1)
         if rows is None:
             cache.lengths = new_len
         else:

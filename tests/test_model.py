@@ -1,4 +1,5 @@
 """model.py: causality, KV-cache equivalence, batching, GQA, sampling, parameter counts."""
+import copy
 import math
 import runpy
 from pathlib import Path
@@ -299,4 +300,13 @@ def test_compiled_decode_equals_eager_and_compiles_once_for_all_layers():
     assert graphs[2] == graphs[6] > 0, graphs
     eager_batch = [t.tolist() for t, _ in make_model(n_layers=6).generate(prompts, 12, temperature=0)]
     assert [t.tolist() for t, _ in m.generate(prompts, 12, temperature=0)] == eager_batch
+    twin = copy.deepcopy(m)          # a copy of a compiled model runs its own weights, not the original's
+    with torch.no_grad():
+        twin.layers[0].feed_forward.w2.weight.mul_(3.0)
+    ref = copy.deepcopy(twin)
+    ref._compiled_blocks = None      # the same weights, eager
+    x = torch.tensor([prompts[0]])
+    got, want, orig = (model.forward_cached(x, model.new_cache(1)) for model in (twin, ref, m))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, orig, atol=1e-3)
     torch._dynamo.reset()
