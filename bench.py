@@ -164,7 +164,7 @@ def bench_decode(a, out):
                                  fraction_of_bound=wbytes / max(bw, bw_after) / dt))
                 run_bws.append(bw_after)
                 bw = bw_after
-            med = sorted(reps, key=lambda r: r["fraction_of_bound"])[len(reps) // 2]
+            med = sorted(reps, key=lambda r: r["fraction_of_bound"])[(len(reps) - 1) // 2]  # (the lower, if even)
             rows.append(dict(bench="decode", size=a.size, params=model.num_params(), dtype=dtype, compile=compile_,
                              weight_mb=wbytes / 1e6, **med, bound_tokens_per_s=med["bandwidth_gbs"] * 1e9 / wbytes,
                              repeats=reps))
@@ -328,8 +328,9 @@ def main():
     p.add_argument("--data_mb", type=float, default=40, help="data: MB of text to tokenize")
     p.add_argument("--results", default="bench_results.jsonl")
     a = p.parse_args()
-    if a.tokens < 2:
-        p.error("--tokens must be at least 2 (decode times the tokens after the first)")
+    if a.what in ("decode", "all") and (a.tokens < 2 or a.prompt_len + 2 > 1024):
+        p.error("decode needs --tokens of at least 2 (it times the tokens after the first) and --prompt_len "
+                "of at most 1022 (the benchmark model's context is 1024)")
     if a.threads:
         torch.set_num_threads(a.threads)
     env = dict(host=platform.node(), cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),

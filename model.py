@@ -235,8 +235,8 @@ class KVCache:
     def write(K, V, span, rows, pos, k, v):
         """Write new k, v (b, T, Hkv, D) into one layer's K, V at positions pos (b, T) of `rows` (None = all
         rows; an int pos = all rows at that offset); return the keys and values attended to, the first
-        `span` positions: (b, Hkv, span, D). A static method of plain tensors and ints, so a compiled
-        block sees the same inputs in every layer and compiles once, not once per layer index."""
+        `span` positions: (b, Hkv, span, D). A static method of plain tensors and ints: no per-layer state
+        for torch.compile to specialize on."""
         if rows is None and isinstance(pos, int):      # all rows at the same offset: plain slice copy
             K[:, :, pos:pos + k.shape[1]] = k.transpose(1, 2)
             V[:, :, pos:pos + k.shape[1]] = v.transpose(1, 2)
@@ -360,8 +360,8 @@ class Transformer(nn.Module):
         memory-speed reductions. One graph for the whole step, rather than one compiled module per block,
         saves their per-call guard checks and Python: 6-10% of a 100M model's decode step here (README
         "Benchmarks"). The first tokens of each new shape pay for compilation."""
-        # The plain function, compiled, takes the model as an argument (not a bound method holding it), so
-        # a copy of the model (copy.deepcopy) runs its own weights: dynamo guards on which model it gets.
+        # The plain function is compiled and the model passed in (not a bound method holding one model),
+        # so its weights are inputs of the graph and a copy (copy.deepcopy) runs its own weights.
         self._compiled_blocks = torch.compile(Transformer._cached_blocks, dynamic=True)
         return self
 

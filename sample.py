@@ -40,7 +40,7 @@ seed = 1337
 batch_size = 8            # --file: prompts per batch
 device = "auto"           # auto | cpu | cuda | cuda:N | mps
 dtype = "float32"         # float32 | bfloat16 (weights and KV cache)
-compile = False           # torch.compile the decode step (model.compile_for_decode): ~3x tokens/s for one
+compile = False           # torch.compile the decode step (model.compile_for_decode): 2.4-3.3x tokens/s for one
                           # answer on a CPU, after a few seconds of compiling (README "Benchmarks")
 
 

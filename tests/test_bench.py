@@ -34,8 +34,9 @@ def test_decode_repeat_is_held_to_the_higher_bandwidth_measured_around_it(monkey
     assert r["fraction_of_run_max_bound"] == pytest.approx(r["tokens_per_s"] * wbytes / 40e9)
 
 
-def test_train_step_is_held_to_the_higher_peak_measured_around_it(monkeypatch):
-    measured = iter([2e9, 3e9])                  # just before and just after the timed steps
+@pytest.mark.parametrize("before, after", [(2e9, 3e9), (3e9, 2e9)])
+def test_train_step_is_held_to_the_higher_peak_measured_around_it(monkeypatch, before, after):
+    measured = iter([before, after])             # just before and just after the timed steps
     monkeypatch.setattr(bench, "measure_matmul_peak", lambda device, dtype: next(measured))
     a = types.SimpleNamespace(device="cpu", sizes="tiny", dtypes="float32", compile="off", batch_size=2, seq_len=16,
                               seconds=0.05)
@@ -46,7 +47,28 @@ def test_train_step_is_held_to_the_higher_peak_measured_around_it(monkeypatch):
     assert r["mfu"] == pytest.approx(r["achieved_tflops"] * 1e12 / 3e9)
 
 
-def test_decode_needs_two_tokens(tmp_path):
-    p = subprocess.run([sys.executable, bench.__file__, "decode", "--tokens=1", f"--results={tmp_path}/r.jsonl"],
+def test_decode_times_the_tokens_after_the_prompt(monkeypatch):
+    """A fake clock: the prompt takes 100 s, every later token 0.5 s; tokens/s must be 2, prefill 100 s."""
+    now = [0.0]
+
+    def generate(self, prompts, max_new_tokens, **kw):
+        now[0] += 100.0                          # prefill and the first token
+        for i in range(max_new_tokens):
+            if i:
+                now[0] += 0.5
+            yield None, None
+    monkeypatch.setattr(bench.Transformer, "generate", generate)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(bench, "measure_bandwidth", lambda device: 1e9)
+    a = types.SimpleNamespace(device="cpu", dtypes="float32", compile="off", size="tiny", prompt_len=4, tokens=8,
+                              repeats=3)
+    rows = []
+    bench.bench_decode(a, lambda row, line: rows.append(row))
+    assert [(x["tokens_per_s"], x["prefill_ms"]) for x in rows[0]["repeats"]] == [(2.0, 100000.0)] * 3
+
+
+@pytest.mark.parametrize("flag", ["--tokens=1", "--prompt_len=1023"])
+def test_decode_refuses_settings_it_cannot_time(tmp_path, flag):
+    p = subprocess.run([sys.executable, bench.__file__, "decode", flag, f"--results={tmp_path}/r.jsonl"],
                        capture_output=True, text=True)
-    assert p.returncode == 2 and "--tokens must be at least 2" in p.stderr
+    assert p.returncode == 2 and "decode needs --tokens of at least 2" in p.stderr

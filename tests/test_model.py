@@ -298,6 +298,7 @@ def test_compiled_decode_equals_eager_and_compiles_once_for_all_layers():
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert graphs[2] == graphs[6] > 0, graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])   # the whole step is one graph
     eager_batch = [t.tolist() for t, _ in make_model(n_layers=6).generate(prompts, 12, temperature=0)]
     assert [t.tolist() for t, _ in m.generate(prompts, 12, temperature=0)] == eager_batch
     twin = copy.deepcopy(m)          # a copy of a compiled model runs its own weights, not the original's
