@@ -28,13 +28,13 @@ answers, not for open-ended ones, where self_play=0 is the safe setting. The pai
 out_dir/self_play.jsonl, and a resumed run reads them back.
 
 The implicit reward of a reply is beta * (lp - ref); like TRL we log rewards/chosen, rewards/rejected,
-rewards/accuracies (chosen reward > rejected) and rewards/margins, on training batches and on the dev pairs. Also on the dev pairs: likelihood_acc, how
-often the policy alone prefers the chosen reply (lp_c > lp_r; at step 0 that is the SFT model's
-preference accuracy, the baseline), and answer_acc, greedy replies to answer_data's chats matched
-exactly, to see that preference training does not hurt answering. Identical and over-long pairs are
-counted and skipped.
-Reads init_from/{ckpt.pt, tokenizer.model}, data, dev_data, answer_data; writes
-out_dir/{ckpt.pt, ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl, self_play.jsonl}. SIGTERM or Ctrl-C saves
+rewards/accuracies (chosen reward > rejected) and rewards/margins, on training batches and on the dev
+pairs. Also on the dev pairs: likelihood_acc, how often the policy alone prefers the chosen reply
+(lp_c > lp_r; at step 0 that is the SFT model's preference accuracy, the baseline), and answer_acc,
+greedy replies to answer_data's chats matched exactly, to see that preference training does not hurt
+answering. Identical and over-long pairs are counted and skipped.
+Reads init_from/{ckpt.pt, tokenizer.model}, data, dev_data, answer_data; writes out_dir/{ckpt.pt,
+ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl, self_play.jsonl}. SIGTERM or Ctrl-C saves
 and exits; --init_from=resume continues exactly where it stopped, against the same reference.
 """
 import json
@@ -206,7 +206,7 @@ def main():
                    f"{len(extra)} differ from the chosen reply and become rejected ones")
             if ctx.master:
                 os.makedirs(out_dir, exist_ok=True)
-                with open(path + ".tmp", "w") as f:
+                with open(path + ".tmp", "w", encoding="utf-8") as f:
                     f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in extra)
                 os.replace(path + ".tmp", path)
         train_pairs = train_pairs + extra

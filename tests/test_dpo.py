@@ -130,7 +130,6 @@ def test_a_few_steps_raise_the_chosen_reward(tok):
     assert stats["rewards/margins"].item() > 0
 
 
-@pytest.mark.slow
 def save_init(tok, init):
     """A tiny random model saved as an SFT run dir (ckpt.pt + tokenizer) for dpo.py to start from."""
     os.makedirs(init)
@@ -164,6 +163,7 @@ def test_self_play_pairs_are_the_reference_s_own_wrong_replies(tok, monkeypatch)
     assert a == b and len(a) == 4 and all(p["rejected"] != p["chosen"] for p in a)
 
 
+@pytest.mark.slow
 def test_trains_under_two_process_torchrun(tok, tmp_path):
     init = save_init(tok, tmp_path / "init")
     rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.", "rejected": "I don't know."}
@@ -204,6 +204,7 @@ def test_trains_under_two_process_torchrun(tok, tmp_path):
     assert ckpt["step"] == 6 and ckpt["reference"] == str(init)
 
 
+@pytest.mark.slow
 def test_resume_with_self_play_continues_exactly(tok, tmp_path):
     """A run stopped after 2 steps and resumed to 4 ends with the weights of a run that went straight to
     4: the self-play pairs are read back from out_dir, not sampled anew. Resuming a run without them
@@ -218,8 +219,7 @@ def test_resume_with_self_play_continues_exactly(tok, tmp_path):
               "--self_play=1", "--answer_tokens=8"]
 
     def run(*args):
-        p = subprocess.run(common + list(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-        return p
+        return subprocess.run(common + list(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
     for args in ([f"--init_from={init}", f"--out_dir={tmp_path / 'straight'}", "--max_steps=4"],
                  [f"--init_from={init}", f"--out_dir={tmp_path / 'split'}", "--max_steps=2"],
