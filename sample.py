@@ -40,8 +40,8 @@ seed = 1337
 batch_size = 8            # --file: prompts per batch
 device = "auto"           # auto | cpu | cuda | cuda:N | mps
 dtype = "float32"         # float32 | bfloat16 (weights and KV cache)
-compile = False           # torch.compile the decode step (model.compile_for_decode): 2.4-3.3x tokens/s for one
-                          # answer on a CPU, after a few seconds of compiling (README "Benchmarks")
+compile = False           # torch.compile the decode step (model.compile_for_decode): 2.3-3.3x tokens/s for one
+                          # answer on a CPU, after compiling (~10-55 s; README "Benchmarks")
 
 
 def is_chat_checkpoint(ckpt):

@@ -311,3 +311,23 @@ def test_compiled_decode_equals_eager_and_compiles_once_for_all_layers():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, orig, atol=1e-3)
     torch._dynamo.reset()
+
+
+def test_compiled_decode_guards_what_can_change():
+    """compile_for_decode skips dynamo's guards on the model's modules and weights and keeps those on the
+    inputs. That must still tell models apart: two models of one depth but another head layout, compiled
+    in one process, each decode as eager does; and a model cast to another dtype after compiling
+    recompiles (with no guards at all, the float32 graph runs on the bfloat16 tensors and fails)."""
+    torch.manual_seed(0)
+    a, b = make_model(n_layers=2).eval(), make_model(n_layers=2, n_heads=2, n_kv_heads=1).eval()
+    prompt = [torch.randint(0, 97, (7,)).tolist()]
+    eager = [[t.tolist() for t, _ in m.generate(prompt, 8, temperature=0)] for m in (a, b)]
+    a.compile_for_decode(), b.compile_for_decode()
+    assert [[t.tolist() for t, _ in m.generate(prompt, 8, temperature=0)] for m in (a, b)] == eager
+    a.to(torch.bfloat16)
+    ref = copy.deepcopy(a)
+    ref._compiled_blocks = None
+    cache, ref_cache = a.new_cache(1), ref.new_cache(1)
+    for x in (torch.tensor(prompt), torch.tensor([[eager[0][0][0]]])):  # prefill, then one decode step
+        torch.testing.assert_close(a.forward_cached(x, cache), ref.forward_cached(x, ref_cache), atol=0.1, rtol=0.05)
+    torch._dynamo.reset()
