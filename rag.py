@@ -551,6 +551,22 @@ def cmd_ask(a):
                   f"(score {h['score']:.3f}): {' '.join(h['text'].split())[:100]}")
 
 
+def copy_probe(model, tok, n=16, length=40, seed=0):
+    """How well a model copies from its context: the share of the second copy of a repeated random
+    sequence (BOS, then `length` random ordinary tokens, twice) that it predicts greedily, leaving out the
+    copy's first token (nothing before it says what comes next). That is the signature of induction heads
+    (Olsson et al. 2022), the circuit that reads a value out of a source: ~0 for a model that cannot copy
+    from its context, near 1 for one that can. The demo's 3-minute models score 0 (README, RAG)."""
+    length = min(length, (model.cfg.max_seq_len - 1) // 2)
+    ordinary = torch.tensor([i for i in range(tok.vocab_size) if tok.token_bytes(i)])  # no special ids
+    g = torch.Generator().manual_seed(seed)
+    seq = ordinary[torch.randint(len(ordinary), (n, length), generator=g)]
+    x = torch.cat([torch.full((n, 1), tok.bos_id), seq, seq], 1)
+    logits, _ = model(x.to(model.tok_embeddings.weight.device))
+    # logits at position p predict token p + 1: the copy's tokens 1.. sit at length + 2.., so positions length + 1..
+    return (logits[:, length + 1:-1].argmax(-1).cpu() == seq[:, 1:]).float().mean().item()
+
+
 def cmd_eval(a):
     r = Retriever(a.index, a.device)
     qa = read_jsonl(a.qa, "qa", log=log)[:a.limit or None]
@@ -569,6 +585,9 @@ def cmd_eval(a):
         model, tok, _ = load_model(a.model, pick_device(a.device))
         plain = [[{"role": "user", "content": q}] for q in questions]
         grounded = grounded_chats(tok, questions, results, a.k, model.cfg.max_seq_len - a.max_new_tokens)
+        report["copy_probe"] = copy_probe(model, tok)
+        print(f"reading check: the model predicts {report['copy_probe']:.0%} of a repeated random sequence's second "
+              f"copy (~0%: it cannot copy from its context, so sources will not help; rag.copy_probe)")
         report["sources_in_prompt"] = sum(len(used) for _, used in grounded) / len(qa)
         grounded = [m for m, _ in grounded]
         for name, chats in (("without", plain), ("with", grounded)):

@@ -342,3 +342,36 @@ def test_demo_world_retrieval_chats_use_the_rag_prompt():
         hits = [{"text": s.split("] ", 1)[1]} for s in sources.split("\n")]
         assert rag.ground_messages([{"role": "user", "content": question}], hits)[0]["content"] == user["content"]
         assert rag.cited(reply["content"]) or reply["content"] in demo_world.DONT_KNOW
+
+
+class FakeLM(torch.nn.Module):
+    """Stands in for a Transformer in copy_probe: with induction=True its logits at each position point at
+    the token that followed the latest earlier occurrence of the current token (an ideal induction head),
+    else always at one token (a model blind to its context)."""
+
+    def __init__(self, vocab, induction):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=vocab, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, max_seq_len=64)
+        self.tok_embeddings = torch.nn.Embedding(vocab, 8)
+        self.induction = induction
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.cfg.vocab_size)
+        logits[..., 5] = 1.0
+        if self.induction:
+            for b, row in enumerate(x.tolist()):
+                for p, t in enumerate(row):
+                    q = next((q for q in range(p - 1, -1, -1) if row[q] == t), None)
+                    if q is not None:
+                        logits[b, p, row[q + 1]] = 2.0
+        return logits, None
+
+
+def test_copy_probe_tells_a_copying_model_from_a_blind_one(tok):
+    """copy_probe scores an ideal induction head 1 (every token of the second copy after its first, with the
+    length capped by max_seq_len 64) and a context-blind model ~0; an off-by-one in the positions would
+    score the copier ~0 too. Random tokens can repeat within a sequence, so the copier is not exact there
+    - the probe uses 16 x 31 tokens over the ordinary ids of a 400-token vocabulary."""
+    copier, blind = FakeLM(tok.vocab_size, True), FakeLM(tok.vocab_size, False)
+    assert rag.copy_probe(copier, tok) > 0.9
+    assert rag.copy_probe(blind, tok) < 0.05
