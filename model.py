@@ -371,7 +371,8 @@ class Transformer(nn.Module):
         swapped, a hook added)."""
         # The plain function is compiled and the model passed in (not a bound method holding one model),
         # so its weights are inputs of the graph and a copy (copy.deepcopy) runs its own weights.
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
+        options = {"guard_filter_fn": skip} if skip else {}
         if self.tok_embeddings.weight.device.type == "cpu":
             options["cpp_wrapper"] = True
         self._compiled_blocks = torch.compile(Transformer._cached_blocks, dynamic=True, options=options)
