@@ -19,6 +19,7 @@ ffn_norm -> post_attention_layernorm, norm -> model.norm, output -> lm_head. We 
     python -c "import model; print(model.Transformer(model.ModelConfig()).num_params())"
 """
 import math
+import types
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -361,21 +362,25 @@ class Transformer(nn.Module):
         saves their per-call guard checks and Python: 6-10% of a 100M model's decode step here (README
         "Benchmarks"). The first tokens of each new shape pay for compilation.
 
-        Two cuts to the per-token overhead that batch-1 decode of a small model feels (0.6 ms of a 100M
-        model's ~8 ms step on a 2-core CPU; README "Benchmarks"): dynamo skips its guards on the model's
-        modules and weights (checking ~100 weight tensors and ~1,200 module attributes before every token
-        cost 0.28 ms; the guards on the inputs stay, and they catch a cast or move of the whole model,
-        since the embeddings and the cache follow it), and on a CPU the graph's kernels and its attention
-        calls are launched from C++, not Python (inductor's cpp_wrapper: 0.3 ms a token, ~10 s more to
-        compile). So call it again after changing the model other than as a whole (one layer cast or
-        swapped, a hook added)."""
+        Two cuts to the per-token overhead that batch-1 decode of a small model feels (0.7 ms of a 100M
+        model's ~8 ms step on a 2-core CPU; README "Benchmarks"). Dynamo skips its guards on the model's
+        modules and weights (~100 weight tensors and ~1,200 module attributes, checked before every token:
+        0.42 ms, 0.14 ms without them); the guards on the inputs stay and catch a cast or move of the
+        whole model, since the embeddings and the cache follow it. And on a CPU inductor calls the kernels
+        from C++, not Python (cpp_wrapper: ~0.3 ms a token, ~10 s more to compile). Without those guards
+        a graph must never be reused for another model or a changed one, so each call compiles its own
+        copy of the step's code: dynamo keeps its graphs per code object, and a copy starts with none.
+        So after changing the model other than as a whole (one layer cast or swapped, a hook added,
+        train() for dropout), call this again."""
         # The plain function is compiled and the model passed in (not a bound method holding one model),
         # so its weights are inputs of the graph and a copy (copy.deepcopy) runs its own weights.
+        f = Transformer._cached_blocks
+        step = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
         skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
         options = {"guard_filter_fn": skip} if skip else {}
         if self.tok_embeddings.weight.device.type == "cpu":
             options["cpp_wrapper"] = True
-        self._compiled_blocks = torch.compile(Transformer._cached_blocks, dynamic=True, options=options)
+        self._compiled_blocks = torch.compile(step, dynamic=True, options=options)
         return self
 
     _compiled_blocks = None

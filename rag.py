@@ -551,14 +551,19 @@ def cmd_ask(a):
                   f"(score {h['score']:.3f}): {' '.join(h['text'].split())[:100]}")
 
 
+@torch.no_grad()
 def copy_probe(model, tok, n=16, length=40, seed=0):
     """How well a model copies from its context: the share of the second copy of a repeated random
     sequence (BOS, then `length` random ordinary tokens, twice) that it predicts greedily, leaving out the
     copy's first token (nothing before it says what comes next). That is the signature of induction heads
     (Olsson et al. 2022), the circuit that reads a value out of a source: ~0 for a model that cannot copy
-    from its context, near 1 for one that can. The demo's 3-minute models score 0 (README, RAG)."""
+    from its context, near 1 for one that can. The demo's 3-minute models score 0 (README, RAG).
+    Run it on a model in eval mode (dropout off), as load_model returns it."""
     length = min(length, (model.cfg.max_seq_len - 1) // 2)
-    ordinary = torch.tensor([i for i in range(tok.vocab_size) if tok.token_bytes(i)])  # no special ids
+    if length < 2:
+        raise ValueError(f"max_seq_len {model.cfg.max_seq_len} is too short for the copy probe (needs 5)")
+    vocab = min(tok.vocab_size, model.cfg.vocab_size)
+    ordinary = torch.tensor([i for i in range(vocab) if tok.token_bytes(i)])  # no special ids
     g = torch.Generator().manual_seed(seed)
     seq = ordinary[torch.randint(len(ordinary), (n, length), generator=g)]
     x = torch.cat([torch.full((n, 1), tok.bos_id), seq, seq], 1)
@@ -587,7 +592,8 @@ def cmd_eval(a):
         grounded = grounded_chats(tok, questions, results, a.k, model.cfg.max_seq_len - a.max_new_tokens)
         report["copy_probe"] = copy_probe(model, tok)
         print(f"reading check: the model predicts {report['copy_probe']:.0%} of a repeated random sequence's second "
-              f"copy (~0%: it cannot copy from its context, so sources will not help; rag.copy_probe)")
+              "copy (rag.copy_probe)" + (": it cannot copy from its context, so sources will not help"
+                                         if report["copy_probe"] < 0.2 else ""))
         report["sources_in_prompt"] = sum(len(used) for _, used in grounded) / len(qa)
         grounded = [m for m, _ in grounded]
         for name, chats in (("without", plain), ("with", grounded)):

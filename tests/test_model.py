@@ -315,16 +315,20 @@ def test_compiled_decode_equals_eager_and_compiles_once_for_all_layers():
 
 def test_compiled_decode_guards_what_can_change():
     """compile_for_decode skips dynamo's guards on the model's modules and weights and keeps those on the
-    inputs. That must still tell models apart: two models of one depth but another head layout, compiled
-    in one process, each decode as eager does; and a model cast to another dtype after compiling
-    recompiles (with no guards at all, the float32 graph runs on the bfloat16 tensors and fails)."""
+    inputs, and compiles its own copy of the step's code for each model. So two models compiled in one
+    process each decode as eager does, including two that differ only in weight shapes no input shows
+    (the vocabulary: with one shared graph the second model failed on the first one's sizes) or in their
+    head layout; and a model cast to another dtype after compiling recompiles (with no guards at all, the
+    float32 graph runs on the bfloat16 tensors and fails)."""
     torch.manual_seed(0)
-    a, b = make_model(n_layers=2).eval(), make_model(n_layers=2, n_heads=2, n_kv_heads=1).eval()
+    models = [make_model(n_layers=2).eval(), make_model(n_layers=2, vocab_size=131).eval(),
+              make_model(n_layers=2, n_heads=2, n_kv_heads=1).eval()]
     prompt = [torch.randint(0, 97, (7,)).tolist()]
-    eager = [[t.tolist() for t, _ in m.generate(prompt, 8, temperature=0)] for m in (a, b)]
-    a.compile_for_decode(), b.compile_for_decode()
-    assert [[t.tolist() for t, _ in m.generate(prompt, 8, temperature=0)] for m in (a, b)] == eager
-    a.to(torch.bfloat16)
+    eager = [[t.tolist() for t, _ in m.generate(prompt, 8, temperature=0)] for m in models]
+    for m in models:
+        m.compile_for_decode()
+    assert [[t.tolist() for t, _ in m.generate(prompt, 8, temperature=0)] for m in models] == eager
+    a = models[0].to(torch.bfloat16)
     ref = copy.deepcopy(a)
     ref._compiled_blocks = None
     cache, ref_cache = a.new_cache(1), ref.new_cache(1)

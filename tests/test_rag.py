@@ -321,6 +321,7 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
     in_prompt = [any(x["answer"] in h["text"] for h in hits[:2]) for x, hits in zip(qa, results)]
     assert res["accuracy_without_retrieval"] == 0 and res["accuracy_with_retrieval"] == sum(in_prompt) / 4 > 0
     assert f"recall@5 {res['recall@5']:.3f}" in out and "accuracy without retrieval 0.000" in out
+    assert f"reading check: the model predicts {res['copy_probe']:.0%}" in out   # the untrained model: ~0%
 
     code, out, err = cli("ask", "--index=/nonexistent", "--query=x")
     assert code == 1 and "not a rag index" in err
@@ -356,6 +357,7 @@ class FakeLM(torch.nn.Module):
         self.induction = induction
 
     def forward(self, x):
+        assert x.shape[1] <= self.cfg.max_seq_len
         logits = torch.zeros(*x.shape, self.cfg.vocab_size)
         logits[..., 5] = 1.0
         if self.induction:
@@ -371,7 +373,7 @@ def test_copy_probe_tells_a_copying_model_from_a_blind_one(tok):
     """copy_probe scores an ideal induction head 1 (every token of the second copy after its first, with the
     length capped by max_seq_len 64) and a context-blind model ~0; an off-by-one in the positions would
     score the copier ~0 too. Random tokens can repeat within a sequence, so the copier is not exact there
-    - the probe uses 16 x 31 tokens over the ordinary ids of a 400-token vocabulary."""
+    - the probe scores 16 x 30 tokens drawn from the ordinary ids of a 400-token vocabulary."""
     copier, blind = FakeLM(tok.vocab_size, True), FakeLM(tok.vocab_size, False)
     assert rag.copy_probe(copier, tok) > 0.9
     assert rag.copy_probe(blind, tok) < 0.05
