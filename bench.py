@@ -107,9 +107,9 @@ def bench_train(a, out):
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 step()  # compile happens here
-                peak = measure_matmul_peak(device, getattr(torch, dtype))
+                before = measure_matmul_peak(device, getattr(torch, dtype))
                 dt = timed(step, device, a.seconds)
-                peak = max(peak, measure_matmul_peak(device, getattr(torch, dtype)))
+                peak = max(before, measure_matmul_peak(device, getattr(torch, dtype)))
                 tok_s = a.batch_size * a.seq_len / dt
                 flops = model.flops_per_token(a.seq_len) * tok_s
                 row = dict(bench="train", size=size, params=model.num_params(), dtype=dtype, compile=compile_,
@@ -160,8 +160,9 @@ def bench_decode(a, out):
             for _ in range(a.repeats):
                 prefill, dt = run()
                 bw_after = measure_bandwidth(device)
-                reps.append(dict(tokens_per_s=1 / dt, prefill_ms=prefill * 1e3, bandwidth_gbs=max(bw, bw_after) / 1e9,
-                                 fraction_of_bound=wbytes / max(bw, bw_after) / dt))
+                held = max(bw, bw_after)
+                reps.append(dict(tokens_per_s=1 / dt, prefill_ms=prefill * 1e3, bandwidth_gbs=held / 1e9,
+                                 fraction_of_bound=wbytes / held / dt))
                 run_bws.append(bw_after)
                 bw = bw_after
             med = sorted(reps, key=lambda r: r["fraction_of_bound"])[(len(reps) - 1) // 2]  # (the lower, if even)
