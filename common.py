@@ -715,11 +715,13 @@ class EarlyStopping:
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, conversations, max_new_tokens=64, batch_size=64, temperature=0.0,
-                     generator=None):
+                     generator=None, hook=None):
     """The model's reply (text) to each conversation, a list of messages ending with a user turn;
     greedy unless temperature > 0. model is a plain Transformer (unwrap(model); under FSDP call it on
     every rank inside generation_context). A prompt too long for max_seq_len - max_new_tokens keeps
-    BOS and its last tokens."""
+    BOS and its last tokens. hook: passed to model.generate (it then sees all conversations as one batch)."""
+    if hook is not None and len(conversations) > batch_size:
+        raise ValueError(f"a hook sees one batch: {len(conversations)} conversations > batch_size {batch_size}")
     was_training = model.training
     model.eval()
     limit = model.cfg.max_seq_len - max_new_tokens
@@ -729,7 +731,7 @@ def generate_replies(model, tokenizer, conversations, max_new_tokens=64, batch_s
         prompts = [p if len(p) <= limit else p[:1] + p[len(p) - limit + 1:] for p in prompts]
         out = [[] for _ in prompts]
         for toks, active in model.generate(prompts, max_new_tokens, temperature=temperature,
-                                           stop_ids=tokenizer.stop_ids, generator=generator):
+                                           stop_ids=tokenizer.stop_ids, generator=generator, hook=hook):
             for r, (t, a) in enumerate(zip(toks.tolist(), active.tolist())):
                 if a and t not in tokenizer.stop_ids:
                     out[r].append(t)

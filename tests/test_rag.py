@@ -289,17 +289,23 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
     assert lines[0] == "query: How old is Bodo?" and lines[1].lstrip().startswith("1.") and "sub/bodo.txt#" in lines[1]
     assert lines[3] == "query: 卡米有宠物吗？" and "kami.md#" in lines[4] and len(lines) == 6
 
-    # ask: the printed answer is what the model generates greedily for the grounded prompt
-    code, out, err = cli("ask", f"--index={index}", f"--model={run}", "--query=How old is Bodo?", "--k=2",
-                         "--max_new_tokens=8")
-    assert code == 0, err
+    # ask: the printed answer is what the model generates greedily for the grounded prompt, with the
+    # sources' kNN vote (default) or without it (--knn=0)
     hits = rag.Retriever(str(index)).search(["How old is Bodo?"], 2)[0]
     model, mtok, _ = load_model(str(run))
     ids, used = rag.grounded_prompt(mtok, [{"role": "user", "content": "How old is Bodo?"}], hits, 256 - 8)
-    want = [int(t) for t, a in model.generate([ids], 8, temperature=0) if a and int(t) not in mtok.stop_ids]
-    lines = out.splitlines()
-    assert lines[:3] == ["question: How old is Bodo?", "answer: " + mtok.decode(want).strip(), "sources:"]
-    assert lines[3].lstrip(" *").startswith(f"[1] {hits[0]['id']} chars ") and len(lines) == 5
+    vote = rag.SourceKNN(model, mtok, [[h["text"] for h in used]])
+    answers = set()
+    for flag, hook in (("--knn=1000", vote), ("--knn=0", None)):
+        code, out, err = cli("ask", f"--index={index}", f"--model={run}", "--query=How old is Bodo?", "--k=2",
+                             "--max_new_tokens=8", flag)
+        assert code == 0, err
+        want = [int(t) for t, a in model.generate([ids], 8, temperature=0, hook=hook) if a and int(t) not in mtok.stop_ids]
+        lines = out.splitlines()
+        assert lines[:3] == ["question: How old is Bodo?", "answer: " + mtok.decode(want).strip(), "sources:"]
+        assert lines[3].lstrip(" *").startswith(f"[1] {hits[0]['id']} chars ") and len(lines) == 5
+        answers.add(lines[1])
+    assert len(answers) == 2  # the vote changed this random model's answer
 
     # eval: recall@k from the chunks; accuracy with a stand-in model that repeats its prompt, so a
     # question counts as answered exactly when the answer is in the prompt it was given
@@ -325,6 +331,40 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
 
     code, out, err = cli("ask", "--index=/nonexistent", "--query=x")
     assert code == 1 and "not a rag index" in err
+
+
+def test_source_knn_vote_equals_its_formula(tok, tmp_path):
+    """SourceKNN against a direct computation: every source run through the model alone (no padding),
+    p_kNN(w) = sum of softmax(-||h - k_j||^2 / (dim T)) over the keys whose next token is w, and the
+    answer's log-probabilities log p_LM + log(1 + knn p_kNN), normalized. A row without sources is left
+    as the model has it."""
+    model, mtok, _ = load_model(str(make_chat_run(tmp_path / "m", tok)))
+    sources = [["Kami lives in Lotavi. Kami is 34 years old.", "卡米住在洛塔维。"], [], ["Bodo is   a baker.\n\nBodo!"]]
+    vote = rag.SourceKNN(model, mtok, sources, knn=50.0, temperature=0.3, batch_size=2)  # padding across batches
+    g = torch.Generator().manual_seed(0)
+    h, logits = torch.randn(3, model.cfg.dim, generator=g), torch.randn(3, model.cfg.vocab_size, generator=g)
+    out = vote(logits, h)
+    for r, texts in enumerate(sources):
+        p = torch.zeros(model.cfg.vocab_size)
+        if texts:
+            keys, values = [], []
+            for t in texts:
+                ids = [mtok.bos_id] + mtok.encode(" ".join(t.split()))
+                keys.append(model.hidden_states(torch.tensor([ids]))[0, :-1])
+                values += ids[1:]
+            d = ((torch.cat(keys) - h[r]) ** 2).sum(-1) / model.cfg.dim
+            w = torch.softmax(-d / 0.3, 0)
+            for wj, v in zip(w, values):
+                p[v] += wj
+            assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
+        want = logits[r].log_softmax(-1) + torch.log1p(50.0 * p)
+        torch.testing.assert_close(out[r], want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out[1], logits[1].log_softmax(-1))
+    # at a key itself, with a sharp softmax and a strong vote, the next token is that key's value
+    sharp = rag.SourceKNN(model, mtok, sources[:1], knn=1e6, temperature=1e-4)
+    for j in (0, 5, 11):
+        assert int(sharp(logits[:1], sharp.keys[0, j][None]).argmax()) == int(sharp.values[0, j])
+    assert torch.equal(rag.SourceKNN(model, mtok, sources, knn=0.0)(logits, h), logits.log_softmax(-1))
 
 
 def test_demo_world_retrieval_chats_use_the_rag_prompt():
