@@ -479,8 +479,11 @@ class SourceKNN:
     knn = 0 is the model alone. Use an instance as model.generate(..., hook=...) for the rows of
     `sources`."""
 
+    @torch.no_grad()
     def __init__(self, model, tok, sources, knn=1000.0, temperature=0.2, batch_size=16):
         """sources: for each generated row, the texts of its sources (a list of str, may be empty)."""
+        if not (knn >= 0 and temperature > 0):
+            raise ValueError(f"the sources' vote needs knn >= 0 and a temperature > 0, not {knn} and {temperature}")
         self.knn, self.temperature = knn, temperature
         dev = model.tok_embeddings.weight.device
         docs = [[tok.bos_id] + tok.encode(" ".join(t.split()))[:model.cfg.max_seq_len - 1] for ts in sources for t in ts]
@@ -508,6 +511,7 @@ class SourceKNN:
                 self.valid[r, :len(v)] = True
         self.key_sq = (self.keys ** 2).sum(-1)
 
+    @torch.no_grad()
     def p_knn(self, h, vocab):
         """p_kNN (rows, vocab) for hidden states h (rows, dim); all zero for a row without sources."""
         h = h.float()
@@ -516,6 +520,7 @@ class SourceKNN:
         w = (-d / self.temperature).masked_fill(~self.valid, float("-inf")).softmax(-1).nan_to_num(0.0)
         return torch.zeros(h.shape[0], vocab, device=h.device).scatter_add_(1, self.values, w)
 
+    @torch.no_grad()
     def __call__(self, logits, h):
         return logits.float().log_softmax(-1) + torch.log1p(self.knn * self.p_knn(h, logits.shape[-1]))
 
@@ -615,7 +620,13 @@ def grounded_chats(tok, questions, results, k, max_prompt_tokens):
     return out
 
 
+def check_knn(a):
+    if not (a.knn >= 0 and a.knn_temperature > 0):
+        raise ValueError(f"--knn must be >= 0 and --knn_temperature > 0, not {a.knn} and {a.knn_temperature}")
+
+
 def cmd_ask(a):
+    check_knn(a)
     r = Retriever(a.index, a.device)
     model, tok, _ = load_model(a.model, pick_device(a.device))
     gen = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(a.seed)
@@ -655,6 +666,7 @@ def copy_probe(model, tok, n=16, length=40, seed=0):
 
 
 def cmd_eval(a):
+    check_knn(a)
     r = Retriever(a.index, a.device)
     qa = read_jsonl(a.qa, "qa", log=log)[:a.limit or None]
     questions = [x["question"] for x in qa]

@@ -119,8 +119,11 @@ def main():
                      f"recall@5 {fmt(rag.get('recall@5'), True)}, recall@1 {fmt(rag.get('recall@1'), True)}; "
                      f"answer accuracy without retrieval {fmt(rag.get('accuracy_without_retrieval'), True)}, "
                      f"with {fmt(rag.get('accuracy_with_retrieval'), True)}"
-                     + (f" (the model copies {fmt(rag['copy_probe'], True)} of a repeated random sequence: "
-                        "rag.copy_probe)" if "copy_probe" in rag else "")))
+                     + (f" (sources in the prompt and their kNN vote; in the prompt alone "
+                        f"{fmt(rag['accuracy_sources_in_prompt_only'], True)})"
+                        if "accuracy_sources_in_prompt_only" in rag else "")
+                     + (f"; the model copies {fmt(rag['copy_probe'], True)} of a repeated random sequence "
+                        "(rag.copy_probe)" if "copy_probe" in rag else "")))
     lines = ["# AstrAI-nano demo report", "",
              "| stage | wall time | the metric that shows it worked |", "|---|---|---|"]
     for stage, secs, metric in rows:

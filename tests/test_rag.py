@@ -331,6 +331,8 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
 
     code, out, err = cli("ask", "--index=/nonexistent", "--query=x")
     assert code == 1 and "not a rag index" in err
+    code, out, err = cli("ask", f"--index={index}", f"--model={run}", "--query=x", "--knn_temperature=0")
+    assert code == 1 and "--knn_temperature > 0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_source_knn_vote_equals_its_formula(tok, tmp_path):
