@@ -27,13 +27,16 @@ All queries are scored by one matrix product per block of rows, scores = V @ Q^T
 every vector has unit length), and np.argpartition takes the k best without sorting all N scores.
 
 ask / eval: the k best chunks go into the user message as numbered sources with the instruction to
-answer only from them and cite [n] (ground_messages); a chat checkpoint answers. eval reports
-recall@1/@5 of the chunk holding each answer, and answer accuracy with and without retrieval.
+answer only from them and cite [n] (ground_messages); a chat checkpoint answers, and the sources vote
+on each token of its answer through its hidden states (SourceKNN: kNN-LM's vote, multiplied in; --knn=0
+turns it off). eval reports recall@1/@5 of the chunk holding each answer, and answer accuracy without
+retrieval, with the sources in the prompt alone, and with their vote.
 
 serve.py grounds its chat answers through Retriever and grounded_prompt (serve.py --rag_index=out/rag).
 """
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -461,30 +464,32 @@ class SourceKNN:
     is run through the model on its own (BOS + its text as the prompt shows it); every position j gives
     a key k_j, the final hidden state there, and a value v_j, the token that follows it. At each step of
     the answer the hidden state h behind the next-token logits is compared with the keys of that
-    question's sources:
-        p_kNN(w) = sum_{j: v_j = w} softmax_j(-||h - k_j||^2 / (dim * T))
-    (squared distance per dimension, so T does not depend on the model's width). Where the answer is
-    at a point the sources have been ("Diti is 80", "Diti lives in Kozadi"), the nearest keys are
-    there and p_kNN puts its weight on the source's next token.
+    question's sources, d_j = ||h - k_j||^2 / dim (per dimension, so T does not depend on the width):
+        p_kNN(w) = sum_{j: v_j = w} exp(-d_j / T) / (sum_j exp(-d_j / T) + exp(-sentinel / T))
+    The last term is a sentinel, one more key at distance `sentinel` that votes for no token (the
+    pointer sentinel of Merity et al. 2017). Where the answer is at a point the sources have been
+    ("Diti is 80", "Diti lives in Kozadi"), keys much nearer than that exist and p_kNN puts its weight on
+    the source's next token; where none is near (the digit in a citation "[n]", a turn the sources say
+    nothing about), the sentinel takes the weight and the vote fades.
 
     kNN-LM mixes lam p_kNN + (1 - lam) p_LM; here the two are multiplied instead (a product of experts,
     Hinton 2002):
         p(w) ∝ p_LM(w) (1 + knn p_kNN(w))
     A token the sources back fully becomes up to 1 + knn times more likely; a token they never hold
-    keeps the model's odds against other such tokens. The difference is the end of the answer: no
-    source holds the end of a reply or its citation "[n]", and a source's next sentence is always near,
+    keeps the model's odds against other such tokens. That matters at the end of the answer: no source
+    holds the end of a reply or the "[" of its citation, and a source's next sentence is always near,
     so under the mixture the sources outvoted both (demo dev questions, 0.7 p_kNN: 82% right, but the
     replies ran on to the 32-token limit, listing other facts, and 10% cited a source), while under the
-    product the model ends and cites as it learned to (73%, 11.5 tokens, all cited; README, RAG).
-    knn = 0 is the model alone. Use an instance as model.generate(..., hook=...) for the rows of
-    `sources`."""
+    product the model ends and cites as it learned to (README, RAG, has the numbers). knn = 0 is the
+    model alone. Use an instance as model.generate(..., hook=...) for the rows of `sources`."""
 
     @torch.no_grad()
-    def __init__(self, model, tok, sources, knn=1000.0, temperature=0.2, batch_size=16):
+    def __init__(self, model, tok, sources, knn=10000.0, temperature=0.1, sentinel=1.0, batch_size=16):
         """sources: for each generated row, the texts of its sources (a list of str, may be empty)."""
-        if not (knn >= 0 and temperature > 0):
-            raise ValueError(f"the sources' vote needs knn >= 0 and a temperature > 0, not {knn} and {temperature}")
-        self.knn, self.temperature = knn, temperature
+        if not (0 <= knn < math.inf and 0 < temperature < math.inf and 0 <= sentinel < math.inf):
+            raise ValueError("the sources' vote needs finite knn >= 0, temperature > 0 and sentinel >= 0, "
+                             f"not {knn}, {temperature} and {sentinel}")
+        self.knn, self.temperature, self.sentinel = knn, temperature, sentinel
         dev = model.tok_embeddings.weight.device
         docs = [[tok.bos_id] + tok.encode(" ".join(t.split()))[:model.cfg.max_seq_len - 1] for ts in sources for t in ts]
         hidden = []
@@ -513,11 +518,14 @@ class SourceKNN:
 
     @torch.no_grad()
     def p_knn(self, h, vocab):
-        """p_kNN (rows, vocab) for hidden states h (rows, dim); all zero for a row without sources."""
+        """p_kNN (rows, vocab) for hidden states h (rows, dim); it sums to 1 minus the sentinel's share
+        (all zero for a row without sources)."""
         h = h.float()
         # ||h - k||^2 = ||h||^2 - 2 h.k + ||k||^2, without a (rows, keys, dim) temporary
         d = ((h ** 2).sum(-1, keepdim=True) - 2 * torch.einsum("rkd,rd->rk", self.keys, h) + self.key_sq) / h.shape[-1]
-        w = (-d / self.temperature).masked_fill(~self.valid, float("-inf")).softmax(-1).nan_to_num(0.0)
+        scores = torch.cat([(-d / self.temperature).masked_fill(~self.valid, float("-inf")),
+                            torch.full_like(d[:, :1], -self.sentinel / self.temperature)], 1)
+        w = scores.softmax(-1)[:, :-1]
         return torch.zeros(h.shape[0], vocab, device=h.device).scatter_add_(1, self.values, w)
 
     @torch.no_grad()
@@ -525,14 +533,14 @@ class SourceKNN:
         return logits.float().log_softmax(-1) + torch.log1p(self.knn * self.p_knn(h, logits.shape[-1]))
 
 
-def answer_grounded(model, tok, chats, used, max_new_tokens, knn=0.0, knn_temperature=0.2, batch_size=16,
-                    temperature=0.0, generator=None):
+def answer_grounded(model, tok, chats, used, max_new_tokens, knn=0.0, knn_temperature=0.1, knn_sentinel=1.0,
+                    batch_size=16, temperature=0.0, generator=None):
     """Replies to grounded chats (ground_messages) whose sources are `used` (hits per chat), each
     next-token distribution weighted by its sources' kNN vote (SourceKNN; knn=0: the prompt alone)."""
     replies = []
     for i in range(0, len(chats), batch_size):
         hook = SourceKNN(model, tok, [[h["text"] for h in u] for u in used[i:i + batch_size]], knn,
-                         knn_temperature, batch_size) if knn else None
+                         knn_temperature, knn_sentinel, batch_size) if knn else None
         replies += generate_replies(model, tok, chats[i:i + batch_size], max_new_tokens, batch_size, temperature,
                                     generator, hook=hook)
     return replies
@@ -621,8 +629,9 @@ def grounded_chats(tok, questions, results, k, max_prompt_tokens):
 
 
 def check_knn(a):
-    if not (a.knn >= 0 and a.knn_temperature > 0):
-        raise ValueError(f"--knn must be >= 0 and --knn_temperature > 0, not {a.knn} and {a.knn_temperature}")
+    if not (0 <= a.knn < math.inf and 0 < a.knn_temperature < math.inf and 0 <= a.knn_sentinel < math.inf):
+        raise ValueError(f"--knn and --knn_sentinel must be finite and >= 0, --knn_temperature finite and > 0; "
+                         f"got {a.knn}, {a.knn_sentinel} and {a.knn_temperature}")
 
 
 def cmd_ask(a):
@@ -634,7 +643,7 @@ def cmd_ask(a):
     results = r.search(questions, a.k)
     chats = grounded_chats(tok, questions, results, a.k, model.cfg.max_seq_len - a.max_new_tokens)
     answers = answer_grounded(model, tok, [m for m, _ in chats], [u for _, u in chats], a.max_new_tokens, a.knn,
-                              a.knn_temperature, temperature=a.temperature, generator=gen)
+                              a.knn_temperature, a.knn_sentinel, temperature=a.temperature, generator=gen)
     for q, hits, (_, used), answer in zip(questions, results, chats, answers):
         refs = cited(answer)
         print(f"question: {q}\nanswer: {answer.strip()}\nsources:" + ("" if len(used) == len(hits) else
@@ -696,7 +705,7 @@ def cmd_eval(a):
             settings.append(("prompt_only", lambda: answer_grounded(model, tok, chats, used, a.max_new_tokens,
                                                                     batch_size=a.batch_size)))
         settings.append(("with", lambda: answer_grounded(model, tok, chats, used, a.max_new_tokens, a.knn,
-                                                         a.knn_temperature, a.batch_size)))
+                                                         a.knn_temperature, a.knn_sentinel, a.batch_size)))
         for name, answer in settings:
             answers = answer()
             right = [x["answer"].casefold() in ans.casefold() for x, ans in zip(qa, answers)]
@@ -706,7 +715,8 @@ def cmd_eval(a):
                 log(f"  wrong ({name.replace('_', ' ')} retrieval): {x['question']} -> {ans.strip()!r} "
                     f"(want {x['answer']!r})")
         lo, hi = report["accuracy_without_retrieval"], report["accuracy_with_retrieval"]
-        report.update(model=a.model, k=a.k, knn=a.knn, knn_temperature=a.knn_temperature, ratio=hi / lo if lo else None)
+        report.update(model=a.model, k=a.k, knn=a.knn, knn_temperature=a.knn_temperature, knn_sentinel=a.knn_sentinel,
+                      ratio=hi / lo if lo else None)
         only = report.get("accuracy_sources_in_prompt_only")
         print(f"answers ({a.model}, greedy, up to {a.k} chunks in the prompt, {report['sources_in_prompt']:.1f} on "
               f"average): accuracy without retrieval {lo:.3f}, with retrieval {hi:.3f} "
@@ -794,10 +804,12 @@ def main(argv=None):
                        + ("; --model= measures retrieval only" if p.prog.endswith("eval") else ""))
         p.add_argument("--k", type=int, default=k, help="chunks put into the prompt (fewer if they do not fit)")
         p.add_argument("--max_new_tokens", type=int, default=32)
-        p.add_argument("--knn", type=float, default=1000.0, help="how much the sources' kNN vote weighs: a token they "
+        p.add_argument("--knn", type=float, default=10000.0, help="how much the sources' kNN vote weighs: a token they "
                        "fully back becomes up to 1 + knn times more likely (SourceKNN; 0: the sources in the prompt alone)")
-        p.add_argument("--knn_temperature", type=float, default=0.2, help="of the kNN vote's softmax over squared "
+        p.add_argument("--knn_temperature", type=float, default=0.1, help="of the kNN vote's softmax over squared "
                        "distances per dimension")
+        p.add_argument("--knn_sentinel", type=float, default=1.0, help="the distance (per dimension) of the key that "
+                       "votes for nothing: no source key nearer than about this, little vote")
 
     p = sub.add_parser("index", help="chunk and embed documents into an index dir")
     p.add_argument("--docs", default="data/demo/rag/docs", help="a folder of .txt/.md files or a jsonl of {id, text}")

@@ -75,8 +75,7 @@ default_max_tokens = 256     # max_tokens when a request gives none (capped by w
 timeout = 60                 # seconds a socket may sit idle (slow or stuck clients) before we hang up
 rag_index = ""               # a rag.py index dir: ground chat answers in its chunks and return them as sources
 rag_k = 3                    # chunks retrieved per chat request (fewer go into the prompt if they do not fit)
-rag_knn = 1000.0             # weight of the sources' kNN vote on each token (rag.SourceKNN); 0: the prompt alone
-rag_knn_temperature = 0.2
+rag_knn = 10000.0            # weight of the sources' kNN vote on each token (rag.SourceKNN); 0: the prompt alone
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -164,9 +163,9 @@ class Choice:
 class Engine:
     """The model worker: continuous batching over a fixed number of KV-cache rows."""
 
-    def __init__(self, model, tok, max_batch=8, max_queue=32, knn=(0.0, 0.2)):
+    def __init__(self, model, tok, max_batch=8, max_queue=32, knn=0.0):
         self.model, self.tok = model.eval(), tok
-        self.knn = knn                           # (weight, temperature) of the sources' vote; weight 0: none
+        self.knn = knn                           # weight of the sources' vote (rag.SourceKNN); 0: none
         self.device = model.tok_embeddings.weight.device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = model.new_cache(max_batch)
@@ -247,9 +246,9 @@ class Engine:
         votes = {}                               # one per request, shared by its choices
         for r in new_rows:
             req = self.rows[r].req
-            if req.sources and self.knn[0]:
+            if req.sources and self.knn:
                 if id(req) not in votes:
-                    votes[id(req)] = SourceKNN(self.model, self.tok, [[s["text"] for s in req.sources]], *self.knn)
+                    votes[id(req)] = SourceKNN(self.model, self.tok, [[s["text"] for s in req.sources]], self.knn)
                 self.rows[r].vote = votes[id(req)]
         self.logits[rows] = self._vote(new_rows, *self.model.forward_cached(
             idx.to(self.device), self.cache, rows=rows, lengths=lengths, hidden=True))
@@ -690,14 +689,13 @@ class Server(ThreadingHTTPServer):
 
 def make_server(model, tok, host="127.0.0.1", port=0, api_key="", model_name="astrai-nano", max_batch=8,
                 max_queue=32, max_body_bytes=1_000_000, max_prompt_tokens=0, max_tokens_limit=1024,
-                default_max_tokens=256, timeout=60, log=True, rag=None, rag_k=3, rag_knn=1000.0,
-                rag_knn_temperature=0.2):
+                default_max_tokens=256, timeout=60, log=True, rag=None, rag_k=3, rag_knn=10000.0):
     """A ready server (call .serve_forever()) with its model worker running; port 0 picks a free port.
     rag: a rag.Retriever to ground chat answers in (rag_k chunks each, whose kNN vote weighs rag_knn), or None.
     Stop it with .shutdown(), then .server_close() and .engine.close()."""
     ctx = model.cfg.max_seq_len
     httpd = Server((host, port), Handler)
-    httpd.engine = Engine(model, tok, max_batch, max_queue, (rag_knn if rag else 0.0, rag_knn_temperature))
+    httpd.engine = Engine(model, tok, max_batch, max_queue, rag_knn if rag else 0.0)
     httpd.app = {"model": model_name, "api_key": api_key, "max_body_bytes": max_body_bytes, "timeout": timeout,
                  "created": int(time.time()), "log": log, "rag": None if rag is None else (rag, rag_k),
                  "limits": {"context": ctx, "max_n": max_batch,
@@ -714,8 +712,8 @@ def main():
         die("max_batch, max_tokens_limit, default_max_tokens and max_body_bytes must be >= 1, max_queue >= 0")
     if rag_k < 1:
         die(f"rag_k must be >= 1, not {rag_k}")
-    if rag_knn < 0 or rag_knn_temperature <= 0:
-        die(f"rag_knn must be >= 0 and rag_knn_temperature > 0, not {rag_knn} and {rag_knn_temperature}")
+    if not 0 <= rag_knn < float("inf"):
+        die(f"rag_knn must be a finite number >= 0, not {rag_knn}")
     if threads:
         torch.set_num_threads(threads)
     dev = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
@@ -730,7 +728,7 @@ def main():
     name = model_name or os.path.basename(os.path.normpath(out_dir))
     httpd = make_server(model, tok, host, port, api_key, name, max_batch, max_queue, max_body_bytes,
                         max_prompt_tokens, max_tokens_limit, default_max_tokens, timeout, rag=retriever, rag_k=rag_k,
-                        rag_knn=rag_knn, rag_knn_temperature=rag_knn_temperature)
+                        rag_knn=rag_knn)
     h, p = httpd.server_address[:2]
     grounded = "" if retriever is None else \
         f", answers grounded in {rag_index} ({len(retriever)} chunks, k={rag_k}, source vote {rag_knn:g})"

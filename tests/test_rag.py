@@ -2,6 +2,7 @@
 English sentence splitting, top-k equals brute-force sorting, the index round-trips, bad documents
 get a clear message, grounded prompts, and the index/query/ask/eval commands on a tiny model."""
 import json
+import math
 import random
 import re
 import subprocess
@@ -296,7 +297,7 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
     ids, used = rag.grounded_prompt(mtok, [{"role": "user", "content": "How old is Bodo?"}], hits, 256 - 8)
     vote = rag.SourceKNN(model, mtok, [[h["text"] for h in used]])
     answers = set()
-    for flag, hook in (("--knn=1000", vote), ("--knn=0", None)):
+    for flag, hook in (("--knn=10000", vote), ("--knn=0", None)):
         code, out, err = cli("ask", f"--index={index}", f"--model={run}", "--query=How old is Bodo?", "--k=2",
                              "--max_new_tokens=8", flag)
         assert code == 0, err
@@ -314,9 +315,14 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
           {"question": "What is Kami's cat called?", "answer": "Zizo", "doc": "kami.md"},
           {"question": "Where does Bodo live?", "answer": "Lotavi", "doc": "docs/sub/bodo.txt"}]  # not in that doc
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in qa))
-    monkeypatch.setattr(rag, "generate_replies", lambda model, tok, chats, *a, **kw: [c[-1]["content"] for c in chats])
+    calls = []  # (chats, the hook's knn or None) of each call
+
+    def echo(model, tok, chats, *a, hook=None, **kw):
+        calls.append(([c[-1]["content"] for c in chats], hook and (hook.knn, hook.temperature, hook.sentinel)))
+        return [c[-1]["content"] for c in chats]
+    monkeypatch.setattr(rag, "generate_replies", echo)
     code, out, err = cli("eval", f"--index={index}", f"--model={run}", f"--qa={tmp_path / 'qa.jsonl'}", "--k=2",
-                         f"--results={tmp_path / 'eval.json'}")
+                         f"--results={tmp_path / 'eval.json'}", "--knn=77", "--knn_temperature=0.3", "--knn_sentinel=2")
     assert code == 0, err
     res = json.loads((tmp_path / "eval.json").read_text())
     results = rag.Retriever(str(index)).search([x["question"] for x in qa], 5)
@@ -326,23 +332,29 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
     assert res["recall@1"] == sum(r == 1 for r in first) / 4
     in_prompt = [any(x["answer"] in h["text"] for h in hits[:2]) for x, hits in zip(qa, results)]
     assert res["accuracy_without_retrieval"] == 0 and res["accuracy_with_retrieval"] == sum(in_prompt) / 4 > 0
+    assert res["accuracy_sources_in_prompt_only"] == res["accuracy_with_retrieval"]  # the echo ignores the vote
+    # without retrieval: the bare questions, no vote; then the grounded prompts without and with the vote
+    assert calls[0] == ([x["question"] for x in qa], None)
+    assert calls[1][0] == calls[2][0] != calls[0][0] and calls[1][1] is None and calls[2][1] == (77, 0.3, 2)
+    assert res["knn"] == 77 and res["knn_sentinel"] == 2
     assert f"recall@5 {res['recall@5']:.3f}" in out and "accuracy without retrieval 0.000" in out
     assert f"reading check: the model predicts {res['copy_probe']:.0%}" in out   # the untrained model: ~0%
 
     code, out, err = cli("ask", "--index=/nonexistent", "--query=x")
     assert code == 1 and "not a rag index" in err
-    code, out, err = cli("ask", f"--index={index}", f"--model={run}", "--query=x", "--knn_temperature=0")
-    assert code == 1 and "--knn_temperature > 0" in err and len(err.strip().splitlines()) == 1
+    for bad in ("--knn_temperature=0", "--knn=inf", "--knn_sentinel=-1"):
+        code, out, err = cli("ask", f"--index={index}", f"--model={run}", "--query=x", bad)
+        assert code == 1 and "--knn_temperature finite and > 0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_source_knn_vote_equals_its_formula(tok, tmp_path):
     """SourceKNN against a direct computation: every source run through the model alone (no padding),
-    p_kNN(w) = sum of softmax(-||h - k_j||^2 / (dim T)) over the keys whose next token is w, and the
-    answer's log-probabilities log p_LM + log(1 + knn p_kNN), normalized. A row without sources is left
-    as the model has it."""
+    p_kNN(w) = sum over the keys whose next token is w of exp(-d_j / T) / (sum_j exp(-d_j / T) +
+    exp(-sentinel / T)), d_j = ||h - k_j||^2 / dim, and the answer's log-probabilities
+    log p_LM + log(1 + knn p_kNN). A row without sources is left as the model has it."""
     model, mtok, _ = load_model(str(make_chat_run(tmp_path / "m", tok)))
     sources = [["Kami lives in Lotavi. Kami is 34 years old.", "卡米住在洛塔维。"], [], ["Bodo is   a baker.\n\nBodo!"]]
-    vote = rag.SourceKNN(model, mtok, sources, knn=50.0, temperature=0.3, batch_size=2)  # padding across batches
+    vote = rag.SourceKNN(model, mtok, sources, knn=50.0, temperature=0.3, sentinel=0.8, batch_size=2)  # padding
     g = torch.Generator().manual_seed(0)
     h, logits = torch.randn(3, model.cfg.dim, generator=g), torch.randn(3, model.cfg.vocab_size, generator=g)
     out = vote(logits, h)
@@ -355,18 +367,43 @@ def test_source_knn_vote_equals_its_formula(tok, tmp_path):
                 keys.append(model.hidden_states(torch.tensor([ids]))[0, :-1])
                 values += ids[1:]
             d = ((torch.cat(keys) - h[r]) ** 2).sum(-1) / model.cfg.dim
-            w = torch.softmax(-d / 0.3, 0)
+            e = torch.exp(-d.double() / 0.3)
+            w = e / (e.sum() + math.exp(-0.8 / 0.3))
             for wj, v in zip(w, values):
                 p[v] += wj
-            assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
+            assert 0.01 < p.sum().item() < 0.99   # the sentinel holds a share of a random h's vote
         want = logits[r].log_softmax(-1) + torch.log1p(50.0 * p)
         torch.testing.assert_close(out[r], want, atol=1e-4, rtol=1e-4)
     assert torch.equal(out[1], logits[1].log_softmax(-1))
-    # at a key itself, with a sharp softmax and a strong vote, the next token is that key's value
+    # at a key itself, with a sharp softmax and a strong vote, the next token is that key's value; far
+    # from every key (past the sentinel) the vote fades to nothing
     sharp = rag.SourceKNN(model, mtok, sources[:1], knn=1e6, temperature=1e-4)
     for j in (0, 5, 11):
         assert int(sharp(logits[:1], sharp.keys[0, j][None]).argmax()) == int(sharp.values[0, j])
+    far = sharp.keys[0, 0][None] + 1e3
+    torch.testing.assert_close(sharp(logits[:1], far), logits[:1].log_softmax(-1))
     assert torch.equal(rag.SourceKNN(model, mtok, sources, knn=0.0)(logits, h), logits.log_softmax(-1))
+    for bad in (dict(knn=math.inf), dict(knn=-1.0), dict(temperature=0.0), dict(sentinel=math.nan)):
+        with pytest.raises(ValueError, match="sources' vote needs"):
+            rag.SourceKNN(model, mtok, sources, **bad)
+
+
+def test_answer_grounded_gives_each_chat_its_own_sources(tok, tmp_path):
+    """Batched answers (3 chats in one batch, then a batch of 1) equal each chat answered alone with a
+    vote over its own sources only."""
+    model, mtok, _ = load_model(str(make_chat_run(tmp_path / "m", tok)))
+    texts = [["Kami lives in Lotavi. Kami is 34 years old."], ["卡米住在洛塔维。卡米今年34岁。"], [],
+             ["The quick brown fox jumps over the lazy dog!", "Pi is about 3.14, and e is about 2.72."]]
+    chats = [[{"role": "user", "content": q}] for q in ("How old is Kami?", "卡米今年多大？", "Hi", "What is pi?")]
+    used = [[{"text": t} for t in ts] for ts in texts]
+    got = rag.answer_grounded(model, mtok, chats, used, 10, knn=1e4, batch_size=3)
+    for chat, ts, answer in zip(chats, texts, got):
+        ids = mtok.render_chat(chat, add_generation_prompt=True)[0]
+        hook = rag.SourceKNN(model, mtok, [ts], knn=1e4)
+        want = [int(t) for t, a in model.generate([ids], 10, temperature=0, stop_ids=mtok.stop_ids, hook=hook)
+                if a and int(t) not in mtok.stop_ids]
+        assert answer == mtok.decode(want)
+    assert len(set(got)) > 2
 
 
 def test_demo_world_retrieval_chats_use_the_rag_prompt():
