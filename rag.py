@@ -516,6 +516,22 @@ class SourceKNN:
                 self.valid[r, :len(v)] = True
         self.key_sq = (self.keys ** 2).sum(-1)
 
+    @classmethod
+    def stack(cls, votes):
+        """One vote over the rows of several (their rows in order), so that rows grounded in different
+        sources are scored in one call (serve.py's batch). The votes must share knn, T and sentinel."""
+        first = votes[0]
+        if any((v.knn, v.temperature, v.sentinel) != (first.knn, first.temperature, first.sentinel) for v in votes):
+            raise ValueError("SourceKNN.stack: the votes have different settings")
+        out = cls.__new__(cls)
+        out.knn, out.temperature, out.sentinel = first.knn, first.temperature, first.sentinel
+        n = max(v.keys.shape[1] for v in votes)
+        pad = lambda t, fill=0: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, n - t.shape[1]), value=fill)  # noqa: E731
+        out.keys = torch.cat([pad(v.keys) for v in votes])
+        out.values, out.valid = torch.cat([pad(v.values) for v in votes]), torch.cat([pad(v.valid, False) for v in votes])
+        out.key_sq = torch.cat([pad(v.key_sq) for v in votes])
+        return out
+
     @torch.no_grad()
     def p_knn(self, h, vocab):
         """p_kNN (rows, vocab) for hidden states h (rows, dim); it sums to 1 minus the sentinel's share

@@ -388,6 +388,20 @@ def test_source_knn_vote_equals_its_formula(tok, tmp_path):
             rag.SourceKNN(model, mtok, sources, **bad)
 
 
+def test_stacked_votes_equal_each_alone(tok, tmp_path):
+    """SourceKNN.stack (serve.py's batch): rows of votes with different numbers of keys, stacked, score
+    each row as its own vote does; votes with other settings are refused."""
+    model, mtok, _ = load_model(str(make_chat_run(tmp_path / "m", tok)))
+    votes = [rag.SourceKNN(model, mtok, [ts]) for ts in (["Kami lives in Lotavi."], [], EN[:3], ZH[:1])]
+    g = torch.Generator().manual_seed(1)
+    h, logits = torch.randn(4, model.cfg.dim, generator=g), torch.randn(4, model.cfg.vocab_size, generator=g)
+    stacked = rag.SourceKNN.stack(votes)(logits, h)
+    for i, v in enumerate(votes):
+        torch.testing.assert_close(stacked[i:i + 1], v(logits[i:i + 1], h[i:i + 1]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="different settings"):
+        rag.SourceKNN.stack([votes[0], rag.SourceKNN(model, mtok, [EN[:1]], knn=5.0)])
+
+
 def test_answer_grounded_gives_each_chat_its_own_sources(tok, tmp_path):
     """Batched answers (3 chats in one batch, then a batch of 1) equal each chat answered alone with a
     vote over its own sources only."""
