@@ -454,6 +454,11 @@ def grounded_prompt(tok, messages, hits, max_tokens):
         hits.pop()
 
 
+def vote_settings_ok(knn, temperature, sentinel):
+    """Settings SourceKNN can use: finite, knn and sentinel >= 0, temperature > 0."""
+    return 0 <= knn < math.inf and 0 < temperature < math.inf and 0 <= sentinel < math.inf
+
+
 class SourceKNN:
     """The retrieved sources vote on each next token through the model's own hidden states, so that a
     model too small to read its prompt still answers from them. The demo's chat models cannot copy from
@@ -486,34 +491,37 @@ class SourceKNN:
     @torch.no_grad()
     def __init__(self, model, tok, sources, knn=10000.0, temperature=0.1, sentinel=1.0, batch_size=16):
         """sources: for each generated row, the texts of its sources (a list of str, may be empty)."""
-        if not (0 <= knn < math.inf and 0 < temperature < math.inf and 0 <= sentinel < math.inf):
+        if not vote_settings_ok(knn, temperature, sentinel):
             raise ValueError("the sources' vote needs finite knn >= 0, temperature > 0 and sentinel >= 0, "
                              f"not {knn}, {temperature} and {sentinel}")
         self.knn, self.temperature, self.sentinel = knn, temperature, sentinel
         dev = model.tok_embeddings.weight.device
         docs = [[tok.bos_id] + tok.encode(" ".join(t.split()))[:model.cfg.max_seq_len - 1] for ts in sources for t in ts]
-        hidden = []
+        keys = []                                  # per document: (its positions but the last, dim)
         for i in range(0, len(docs), batch_size):  # right-padded: causal attention keeps padding out of real tokens
             batch = docs[i:i + batch_size]
             idx = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long, device=dev)
             for r, d in enumerate(batch):
                 idx[r, :len(d)] = torch.tensor(d)
             h = model.hidden_states(idx).float()
-            hidden += [h[r, :len(d) - 1] for r, d in enumerate(batch)]  # a text's last token has no next token
+            keys += [h[r, :len(d) - 1] for r, d in enumerate(batch)]  # a text's last token has no next token
         rows, at = [], 0
         for ts in sources:
-            rows.append((hidden[at:at + len(ts)], [d[1:] for d in docs[at:at + len(ts)]]))
+            mine = range(at, at + len(ts))
+            rows.append((torch.cat([keys[i] for i in mine]) if ts else torch.zeros(0, model.cfg.dim, device=dev),
+                         torch.tensor([t for i in mine for t in docs[i][1:]], dtype=torch.long, device=dev)))
             at += len(ts)
-        n = max([1] + [sum(map(len, v)) for _, v in rows])
-        self.keys = torch.zeros(len(sources), n, model.cfg.dim, device=dev)      # (rows, keys, dim), zero-padded
-        self.values = torch.zeros(len(sources), n, dtype=torch.long, device=dev)
-        self.valid = torch.zeros(len(sources), n, dtype=torch.bool, device=dev)
+        self._pad(rows, model.cfg.dim, dev)
+
+    def _pad(self, rows, dim, device):
+        """Set keys (rows, n, dim), values and valid (rows, n), key_sq from per-row (keys, values),
+        zero-padded to the longest row."""
+        n = max([1] + [len(v) for _, v in rows])
+        self.keys = torch.zeros(len(rows), n, dim, device=device)
+        self.values = torch.zeros(len(rows), n, dtype=torch.long, device=device)
+        self.valid = torch.zeros(len(rows), n, dtype=torch.bool, device=device)
         for r, (k, v) in enumerate(rows):
-            v = [t for d in v for t in d]
-            if v:
-                self.keys[r, :len(v)] = torch.cat(k)
-                self.values[r, :len(v)] = torch.tensor(v, device=dev)
-                self.valid[r, :len(v)] = True
+            self.keys[r, :len(v)], self.values[r, :len(v)], self.valid[r, :len(v)] = k, v, True
         self.key_sq = (self.keys ** 2).sum(-1)
 
     @classmethod
@@ -525,11 +533,8 @@ class SourceKNN:
             raise ValueError("SourceKNN.stack: the votes have different settings")
         out = cls.__new__(cls)
         out.knn, out.temperature, out.sentinel = first.knn, first.temperature, first.sentinel
-        n = max(v.keys.shape[1] for v in votes)
-        pad = lambda t, fill=0: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, n - t.shape[1]), value=fill)  # noqa: E731
-        out.keys = torch.cat([pad(v.keys) for v in votes])
-        out.values, out.valid = torch.cat([pad(v.values) for v in votes]), torch.cat([pad(v.valid, False) for v in votes])
-        out.key_sq = torch.cat([pad(v.key_sq) for v in votes])
+        out._pad([(v.keys[r][v.valid[r]], v.values[r][v.valid[r]]) for v in votes for r in range(len(v.keys))],
+                 first.keys.shape[-1], first.keys.device)
         return out
 
     @torch.no_grad()
@@ -645,7 +650,7 @@ def grounded_chats(tok, questions, results, k, max_prompt_tokens):
 
 
 def check_knn(a):
-    if not (0 <= a.knn < math.inf and 0 < a.knn_temperature < math.inf and 0 <= a.knn_sentinel < math.inf):
+    if not vote_settings_ok(a.knn, a.knn_temperature, a.knn_sentinel):
         raise ValueError(f"--knn and --knn_sentinel must be finite and >= 0, --knn_temperature finite and > 0; "
                          f"got {a.knn}, {a.knn_sentinel} and {a.knn_temperature}")
 
@@ -716,20 +721,22 @@ def cmd_eval(a):
                                          if report["copy_probe"] < 0.2 else ""))
         report["sources_in_prompt"] = sum(len(used) for _, used in grounded) / len(qa)
         chats, used = [m for m, _ in grounded], [u for _, u in grounded]
-        settings = [("without", lambda: generate_replies(model, tok, plain, a.max_new_tokens, a.batch_size))]
-        if a.knn:  # the sources in the prompt alone, and with the kNN-LM over them (the answer rag.py gives)
-            settings.append(("prompt_only", lambda: answer_grounded(model, tok, chats, used, a.max_new_tokens,
-                                                                    batch_size=a.batch_size)))
-        settings.append(("with", lambda: answer_grounded(model, tok, chats, used, a.max_new_tokens, a.knn,
-                                                         a.knn_temperature, a.knn_sentinel, a.batch_size)))
-        for name, answer in settings:
+        # (report key, label, answers): without retrieval, the sources in the prompt alone (when there is
+        # a vote to compare with), and the answer rag.py gives
+        settings = [("accuracy_without_retrieval", "without retrieval",
+                     lambda: generate_replies(model, tok, plain, a.max_new_tokens, a.batch_size))]
+        if a.knn:
+            settings.append(("accuracy_sources_in_prompt_only", "prompt only retrieval",
+                             lambda: answer_grounded(model, tok, chats, used, a.max_new_tokens, batch_size=a.batch_size)))
+        settings.append(("accuracy_with_retrieval", "with retrieval",
+                         lambda: answer_grounded(model, tok, chats, used, a.max_new_tokens, a.knn, a.knn_temperature,
+                                                 a.knn_sentinel, a.batch_size)))
+        for key, label, answer in settings:
             answers = answer()
             right = [x["answer"].casefold() in ans.casefold() for x, ans in zip(qa, answers)]
-            report[f"accuracy_{name}_retrieval" if name != "prompt_only" else "accuracy_sources_in_prompt_only"] = \
-                sum(right) / len(qa)
+            report[key] = sum(right) / len(qa)
             for x, ans in [(x, ans) for x, ans, ok in zip(qa, answers, right) if not ok][:a.show]:
-                log(f"  wrong ({name.replace('_', ' ')} retrieval): {x['question']} -> {ans.strip()!r} "
-                    f"(want {x['answer']!r})")
+                log(f"  wrong ({label}): {x['question']} -> {ans.strip()!r} (want {x['answer']!r})")
         lo, hi = report["accuracy_without_retrieval"], report["accuracy_with_retrieval"]
         report.update(model=a.model, k=a.k, knn=a.knn, knn_temperature=a.knn_temperature, knn_sentinel=a.knn_sentinel,
                       ratio=hi / lo if lo else None)

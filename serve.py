@@ -261,8 +261,8 @@ class Engine:
         at = [i for i, r in enumerate(rows) if self.rows[r] is not None and self.rows[r].vote is not None]
         if at:
             votes = [self.rows[rows[i]].vote for i in at]
-            if len(votes) != len(self._stacked[0]) or any(a is not b for a, b in zip(votes, self._stacked[0])):
-                self._stacked = (votes, SourceKNN.stack(votes))  # holding the votes: no id is reused meanwhile
+            if votes != self._stacked[0]:      # compared by identity (SourceKNN has no __eq__)
+                self._stacked = (votes, SourceKNN.stack(votes))
             logits[at] = self._stacked[1](logits[at], h[at])
         return logits
 
