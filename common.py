@@ -604,6 +604,27 @@ def load_model(out_dir, device="cpu", name="ckpt.pt"):
     return model.to(device).eval(), tokenizer, ckpt
 
 
+@torch.no_grad()
+def copy_probe(model, tok, n=16, length=40, seed=0):
+    """How well a model copies from its context: the share of the second copy of a repeated random
+    sequence (BOS, then `length` random ordinary tokens, twice) that it predicts greedily, leaving out the
+    copy's first token (nothing before it says what comes next). That is the signature of induction heads
+    (Olsson et al. 2022), the circuit that reads a value out of a source: ~0 for a model that cannot copy
+    from its context, near 1 for one that can. pretrain.py logs it at every evaluation.
+    Run it on a model in eval mode (dropout off), as load_model returns it."""
+    length = min(length, (model.cfg.max_seq_len - 1) // 2)
+    if length < 2:
+        raise ValueError(f"max_seq_len {model.cfg.max_seq_len} is too short for the copy probe (needs 5)")
+    vocab = min(tok.vocab_size, model.cfg.vocab_size)
+    ordinary = torch.tensor([i for i in range(vocab) if tok.token_bytes(i)])  # no special ids
+    g = torch.Generator().manual_seed(seed)
+    seq = ordinary[torch.randint(len(ordinary), (n, length), generator=g)]
+    x = torch.cat([torch.full((n, 1), tok.bos_id), seq, seq], 1)
+    logits, _ = model(x.to(model.tok_embeddings.weight.device))
+    # logits at position p predict token p + 1: the copy's tokens 1.. sit at length + 2.., so positions length + 1..
+    return (logits[:, length + 1:-1].argmax(-1).cpu() == seq[:, 1:]).float().mean().item()
+
+
 # -----------------------------------------------------------------------------------------------
 # metrics, throughput, early stopping
 
@@ -715,13 +736,11 @@ class EarlyStopping:
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, conversations, max_new_tokens=64, batch_size=64, temperature=0.0,
-                     generator=None, hook=None):
+                     generator=None):
     """The model's reply (text) to each conversation, a list of messages ending with a user turn;
     greedy unless temperature > 0. model is a plain Transformer (unwrap(model); under FSDP call it on
     every rank inside generation_context). A prompt too long for max_seq_len - max_new_tokens keeps
-    BOS and its last tokens. hook: passed to model.generate (it then sees all conversations as one batch)."""
-    if hook is not None and len(conversations) > batch_size:
-        raise ValueError(f"a hook sees one batch: {len(conversations)} conversations > batch_size {batch_size}")
+    BOS and its last tokens."""
     was_training = model.training
     model.eval()
     limit = model.cfg.max_seq_len - max_new_tokens
@@ -731,7 +750,7 @@ def generate_replies(model, tokenizer, conversations, max_new_tokens=64, batch_s
         prompts = [p if len(p) <= limit else p[:1] + p[len(p) - limit + 1:] for p in prompts]
         out = [[] for _ in prompts]
         for toks, active in model.generate(prompts, max_new_tokens, temperature=temperature,
-                                           stop_ids=tokenizer.stop_ids, generator=generator, hook=hook):
+                                           stop_ids=tokenizer.stop_ids, generator=generator):
             for r, (t, a) in enumerate(zip(toks.tolist(), active.tolist())):
                 if a and t not in tokenizer.stop_ids:
                     out[r].append(t)

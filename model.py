@@ -385,17 +385,16 @@ class Transformer(nn.Module):
 
     _compiled_blocks = None
 
-    def _cached_blocks(self, x, cos, sin, mask, ks, vs, span, rows, where, last, hidden=False):
+    def _cached_blocks(self, x, cos, sin, mask, ks, vs, span, rows, where, last):
         """The body of forward_cached: every block over the cache, then the LM head at `last`."""
         for layer, K, V in zip(self.layers, ks, vs):
             x = layer(x, cos, sin, mask, cache=(K, V, span, rows, where))
-        h = self.norm(x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last])
-        return (self.output(h).float(), h) if hidden else self.output(h).float()
+        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
+        return self.output(self.norm(x)).float()
 
-    def forward_cached(self, idx, cache, rows=None, lengths=None, hidden=False):
+    def forward_cached(self, idx, cache, rows=None, lengths=None):
         """Append idx (b, T) to the cache rows `rows` (LongTensor of row ids; None = all rows, in order)
-        and return the logits (b, vocab) of each row's last real token; with hidden=True, (logits, h):
-        h (b, dim) the final normalized hidden state they come from.
+        and return the logits (b, vocab) of each row's last real token.
 
         Prefill: T = prompt length, rows right-padded to T, `lengths` (b,) the real lengths. Padding
         tokens sit after every real token, so the causal mask alone keeps real tokens from seeing them,
@@ -419,25 +418,23 @@ class Transformer(nn.Module):
             mask = (torch.arange(cache.span, device=idx.device) <= pos[:, :, None]).unsqueeze(1)
         cos, sin = self._rope(pos)
         blocks = self._compiled_blocks or Transformer._cached_blocks
-        out = blocks(self, self.tok_embeddings(idx), cos, sin, mask, cache.k, cache.v, cache.span,
-                     rows, s0 if uniform else pos, None if lengths is None else lengths - 1, hidden)
+        logits = blocks(self, self.tok_embeddings(idx), cos, sin, mask, cache.k, cache.v, cache.span,
+                        rows, s0 if uniform else pos, None if lengths is None else lengths - 1)
         if rows is None:
             cache.lengths = new_len
         else:
             cache.lengths[rows] = new_len
-        return out
+        return logits
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
-                 num_samples=1, generator=None, hook=None):
+                 num_samples=1, generator=None):
         """Sample continuations of a batch of prompts (lists of token ids), yielding step by step.
 
         Rows are the prompts each repeated num_samples times (row r continues prompt r // num_samples).
         Each step yields (tokens (N,), active (N,) bool): active[r] is False once row r has stopped (its
         token is then meaningless). A stop token is yielded (active) and ends its row. temperature 0 is
-        greedy. The prompt is run once (prefill); each step then feeds one token per row.
-        hook(logits (N, vocab), h (N, dim)) -> logits, optional, rewrites each step's logits before
-        sampling, given the final hidden states they come from (rag.py's kNN-LM over retrieved sources)."""
+        greedy. The prompt is run once (prefill); each step then feeds one token per row."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and no empty prompt (start with BOS)")
         device = self.tok_embeddings.weight.device
@@ -452,22 +449,19 @@ class Transformer(nn.Module):
             idx[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         cache = self.new_cache(len(prompts), longest + max_new_tokens)
-        logits, h = self.forward_cached(idx, cache, lengths=None if len(set(lengths.tolist())) == 1 else lengths,
-                                        hidden=True)
+        logits = self.forward_cached(idx, cache, lengths=None if len(set(lengths.tolist())) == 1 else lengths)
         if num_samples > 1:
             cache = cache.repeat_interleave(num_samples)
-            logits, h = logits.repeat_interleave(num_samples, dim=0), h.repeat_interleave(num_samples, dim=0)
+            logits = logits.repeat_interleave(num_samples, dim=0)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         active = torch.ones(logits.shape[0], dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            if hook is not None:
-                logits = hook(logits, h)
             tok = sample_next(logits, temperature, top_k, top_p, generator)
             yield tok, active.clone()
             active &= ~torch.isin(tok, stop)
             if step == max_new_tokens - 1 or not active.any():
                 return
-            logits, h = self.forward_cached(tok[:, None], cache, hidden=True)
+            logits = self.forward_cached(tok[:, None], cache)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

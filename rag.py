@@ -27,16 +27,15 @@ All queries are scored by one matrix product per block of rows, scores = V @ Q^T
 every vector has unit length), and np.argpartition takes the k best without sorting all N scores.
 
 ask / eval: the k best chunks go into the user message as numbered sources with the instruction to
-answer only from them and cite [n] (ground_messages); a chat checkpoint answers, and the sources vote
-on each token of its answer through its hidden states (SourceKNN: kNN-LM's vote, multiplied in; --knn=0
-turns it off). eval reports recall@1/@5 of the chunk holding each answer, and answer accuracy without
-retrieval, with the sources in the prompt alone, and with their vote.
+answer only from them and cite [n] (ground_messages), and a chat checkpoint answers: the plain method,
+nothing but the prompt. eval reports recall@1/@5 of the chunk holding each answer, answer accuracy
+without retrieval and with the sources in the prompt, and the share of answers that cite a source
+holding the answer.
 
 serve.py grounds its chat answers through Retriever and grounded_prompt (serve.py --rag_index=out/rag).
 """
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -454,119 +453,6 @@ def grounded_prompt(tok, messages, hits, max_tokens):
         hits.pop()
 
 
-def vote_settings_ok(knn, temperature, sentinel):
-    """Settings SourceKNN can use: finite, knn and sentinel >= 0, temperature > 0."""
-    return 0 <= knn < math.inf and 0 < temperature < math.inf and 0 <= sentinel < math.inf
-
-
-class SourceKNN:
-    """The retrieved sources vote on each next token through the model's own hidden states, so that a
-    model too small to read its prompt still answers from them. The demo's chat models cannot copy from
-    their context (copy_probe: no induction heads): with the sources in the prompt alone their answers
-    barely change (README, RAG).
-
-    The vote is kNN-LM's (Khandelwal et al. 2020, "Generalization through Memorization"). Each source
-    is run through the model on its own (BOS + its text as the prompt shows it); every position j gives
-    a key k_j, the final hidden state there, and a value v_j, the token that follows it. At each step of
-    the answer the hidden state h behind the next-token logits is compared with the keys of that
-    question's sources, d_j = ||h - k_j||^2 / dim (per dimension, so T does not depend on the width):
-        p_kNN(w) = sum_{j: v_j = w} exp(-d_j / T) / (sum_j exp(-d_j / T) + exp(-sentinel / T))
-    The last term is a sentinel, one more key at distance `sentinel` that votes for no token (the
-    pointer sentinel of Merity et al. 2017). Where the answer is at a point the sources have been
-    ("Diti is 80", "Diti lives in Kozadi"), keys much nearer than that exist and p_kNN puts its weight on
-    the source's next token; where none is near (the digit in a citation "[n]", a turn the sources say
-    nothing about), the sentinel takes the weight and the vote fades.
-
-    kNN-LM mixes lam p_kNN + (1 - lam) p_LM; here the two are multiplied instead (a product of experts,
-    Hinton 2002):
-        p(w) ∝ p_LM(w) (1 + knn p_kNN(w))
-    A token the sources back fully becomes up to 1 + knn times more likely; a token they never hold
-    keeps the model's odds against other such tokens. That matters at the end of the answer: no source
-    holds the end of a reply or the "[" of its citation, and a source's next sentence is always near,
-    so under the mixture the sources outvoted both (demo dev questions, 0.7 p_kNN: 82% right, but the
-    replies ran on to the 32-token limit, listing other facts, and 10% cited a source), while under the
-    product the model ends and cites as it learned to (README, RAG, has the numbers). knn = 0 is the
-    model alone. Use an instance as model.generate(..., hook=...) for the rows of `sources`."""
-
-    @torch.no_grad()
-    def __init__(self, model, tok, sources, knn=10000.0, temperature=0.1, sentinel=1.0, batch_size=16):
-        """sources: for each generated row, the texts of its sources (a list of str, may be empty)."""
-        if not vote_settings_ok(knn, temperature, sentinel):
-            raise ValueError("the sources' vote needs finite knn >= 0, temperature > 0 and sentinel >= 0, "
-                             f"not {knn}, {temperature} and {sentinel}")
-        self.knn, self.temperature, self.sentinel = knn, temperature, sentinel
-        dev = model.tok_embeddings.weight.device
-        docs = [[tok.bos_id] + tok.encode(" ".join(t.split()))[:model.cfg.max_seq_len - 1] for ts in sources for t in ts]
-        keys = []                                  # per document: (its positions but the last, dim)
-        for i in range(0, len(docs), batch_size):  # right-padded: causal attention keeps padding out of real tokens
-            batch = docs[i:i + batch_size]
-            idx = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long, device=dev)
-            for r, d in enumerate(batch):
-                idx[r, :len(d)] = torch.tensor(d)
-            h = model.hidden_states(idx).float()
-            keys += [h[r, :len(d) - 1] for r, d in enumerate(batch)]  # a text's last token has no next token
-        rows, at = [], 0
-        for ts in sources:
-            mine = range(at, at + len(ts))
-            rows.append((torch.cat([keys[i] for i in mine]) if ts else torch.zeros(0, model.cfg.dim, device=dev),
-                         torch.tensor([t for i in mine for t in docs[i][1:]], dtype=torch.long, device=dev)))
-            at += len(ts)
-        self._pad(rows, model.cfg.dim, dev)
-
-    def _pad(self, rows, dim, device):
-        """Set keys (rows, n, dim), values and valid (rows, n), key_sq from per-row (keys, values),
-        zero-padded to the longest row."""
-        n = max([1] + [len(v) for _, v in rows])
-        self.keys = torch.zeros(len(rows), n, dim, device=device)
-        self.values = torch.zeros(len(rows), n, dtype=torch.long, device=device)
-        self.valid = torch.zeros(len(rows), n, dtype=torch.bool, device=device)
-        for r, (k, v) in enumerate(rows):
-            self.keys[r, :len(v)], self.values[r, :len(v)], self.valid[r, :len(v)] = k, v, True
-        self.key_sq = (self.keys ** 2).sum(-1)
-
-    @classmethod
-    def stack(cls, votes):
-        """One vote over the rows of several (their rows in order), so that rows grounded in different
-        sources are scored in one call (serve.py's batch). The votes must share knn, T and sentinel."""
-        first = votes[0]
-        if any((v.knn, v.temperature, v.sentinel) != (first.knn, first.temperature, first.sentinel) for v in votes):
-            raise ValueError("SourceKNN.stack: the votes have different settings")
-        out = cls.__new__(cls)
-        out.knn, out.temperature, out.sentinel = first.knn, first.temperature, first.sentinel
-        out._pad([(v.keys[r][v.valid[r]], v.values[r][v.valid[r]]) for v in votes for r in range(len(v.keys))],
-                 first.keys.shape[-1], first.keys.device)
-        return out
-
-    @torch.no_grad()
-    def p_knn(self, h, vocab):
-        """p_kNN (rows, vocab) for hidden states h (rows, dim); it sums to 1 minus the sentinel's share
-        (all zero for a row without sources)."""
-        h = h.float()
-        # ||h - k||^2 = ||h||^2 - 2 h.k + ||k||^2, without a (rows, keys, dim) temporary
-        d = ((h ** 2).sum(-1, keepdim=True) - 2 * torch.einsum("rkd,rd->rk", self.keys, h) + self.key_sq) / h.shape[-1]
-        scores = torch.cat([(-d / self.temperature).masked_fill(~self.valid, float("-inf")),
-                            torch.full_like(d[:, :1], -self.sentinel / self.temperature)], 1)
-        w = scores.softmax(-1)[:, :-1]
-        return torch.zeros(h.shape[0], vocab, device=h.device).scatter_add_(1, self.values, w)
-
-    @torch.no_grad()
-    def __call__(self, logits, h):
-        return logits.float().log_softmax(-1) + torch.log1p(self.knn * self.p_knn(h, logits.shape[-1]))
-
-
-def answer_grounded(model, tok, chats, used, max_new_tokens, knn=0.0, knn_temperature=0.1, knn_sentinel=1.0,
-                    batch_size=16, temperature=0.0, generator=None):
-    """Replies to grounded chats (ground_messages) whose sources are `used` (hits per chat), each
-    next-token distribution weighted by its sources' kNN vote (SourceKNN; knn=0: the prompt alone)."""
-    replies = []
-    for i in range(0, len(chats), batch_size):
-        hook = SourceKNN(model, tok, [[h["text"] for h in u] for u in used[i:i + batch_size]], knn,
-                         knn_temperature, knn_sentinel, batch_size) if knn else None
-        replies += generate_replies(model, tok, chats[i:i + batch_size], max_new_tokens, batch_size, temperature,
-                                    generator, hook=hook)
-    return replies
-
-
 def source_list(hits):
     """Hits as an API returns them, numbered as the prompt cites them:
     [{"n", "id", "source", "offsets", "score", "text"}, ...]."""
@@ -649,22 +535,15 @@ def grounded_chats(tok, questions, results, k, max_prompt_tokens):
     return out
 
 
-def check_knn(a):
-    if not vote_settings_ok(a.knn, a.knn_temperature, a.knn_sentinel):
-        raise ValueError(f"--knn and --knn_sentinel must be finite and >= 0, --knn_temperature finite and > 0; "
-                         f"got {a.knn}, {a.knn_sentinel} and {a.knn_temperature}")
-
-
 def cmd_ask(a):
-    check_knn(a)
     r = Retriever(a.index, a.device)
     model, tok, _ = load_model(a.model, pick_device(a.device))
     gen = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(a.seed)
     questions = read_queries(a)
     results = r.search(questions, a.k)
     chats = grounded_chats(tok, questions, results, a.k, model.cfg.max_seq_len - a.max_new_tokens)
-    answers = answer_grounded(model, tok, [m for m, _ in chats], [u for _, u in chats], a.max_new_tokens, a.knn,
-                              a.knn_temperature, a.knn_sentinel, temperature=a.temperature, generator=gen)
+    answers = generate_replies(model, tok, [m for m, _ in chats], a.max_new_tokens, temperature=a.temperature,
+                               generator=gen)
     for q, hits, (_, used), answer in zip(questions, results, chats, answers):
         refs = cited(answer)
         print(f"question: {q}\nanswer: {answer.strip()}\nsources:" + ("" if len(used) == len(hits) else
@@ -674,29 +553,7 @@ def cmd_ask(a):
                   f"(score {h['score']:.3f}): {' '.join(h['text'].split())[:100]}")
 
 
-@torch.no_grad()
-def copy_probe(model, tok, n=16, length=40, seed=0):
-    """How well a model copies from its context: the share of the second copy of a repeated random
-    sequence (BOS, then `length` random ordinary tokens, twice) that it predicts greedily, leaving out the
-    copy's first token (nothing before it says what comes next). That is the signature of induction heads
-    (Olsson et al. 2022), the circuit that reads a value out of a source: ~0 for a model that cannot copy
-    from its context, near 1 for one that can. The demo's 3-minute models score 0 (README, RAG).
-    Run it on a model in eval mode (dropout off), as load_model returns it."""
-    length = min(length, (model.cfg.max_seq_len - 1) // 2)
-    if length < 2:
-        raise ValueError(f"max_seq_len {model.cfg.max_seq_len} is too short for the copy probe (needs 5)")
-    vocab = min(tok.vocab_size, model.cfg.vocab_size)
-    ordinary = torch.tensor([i for i in range(vocab) if tok.token_bytes(i)])  # no special ids
-    g = torch.Generator().manual_seed(seed)
-    seq = ordinary[torch.randint(len(ordinary), (n, length), generator=g)]
-    x = torch.cat([torch.full((n, 1), tok.bos_id), seq, seq], 1)
-    logits, _ = model(x.to(model.tok_embeddings.weight.device))
-    # logits at position p predict token p + 1: the copy's tokens 1.. sit at length + 2.., so positions length + 1..
-    return (logits[:, length + 1:-1].argmax(-1).cpu() == seq[:, 1:]).float().mean().item()
-
-
 def cmd_eval(a):
-    check_knn(a)
     r = Retriever(a.index, a.device)
     qa = read_jsonl(a.qa, "qa", log=log)[:a.limit or None]
     questions = [x["question"] for x in qa]
@@ -714,37 +571,26 @@ def cmd_eval(a):
         model, tok, _ = load_model(a.model, pick_device(a.device))
         plain = [[{"role": "user", "content": q}] for q in questions]
         grounded = grounded_chats(tok, questions, results, a.k, model.cfg.max_seq_len - a.max_new_tokens)
-        report["copy_probe"] = copy_probe(model, tok)
-        print(f"reading check: the model predicts {report['copy_probe']:.0%} of a repeated random sequence's second "
-              "copy (rag.copy_probe)" + (": it cannot copy from its context, so sources in the prompt "
-                                         "alone will not help (the kNN vote, --knn, does not need it to)"
-                                         if report["copy_probe"] < 0.2 else ""))
         report["sources_in_prompt"] = sum(len(used) for _, used in grounded) / len(qa)
-        chats, used = [m for m, _ in grounded], [u for _, u in grounded]
-        # (report key, label, answers): without retrieval, the sources in the prompt alone (when there is
-        # a vote to compare with), and the answer rag.py gives
-        settings = [("accuracy_without_retrieval", "without retrieval",
-                     lambda: generate_replies(model, tok, plain, a.max_new_tokens, a.batch_size))]
-        if a.knn:
-            settings.append(("accuracy_sources_in_prompt_only", "prompt only retrieval",
-                             lambda: answer_grounded(model, tok, chats, used, a.max_new_tokens, batch_size=a.batch_size)))
-        settings.append(("accuracy_with_retrieval", "with retrieval",
-                         lambda: answer_grounded(model, tok, chats, used, a.max_new_tokens, a.knn, a.knn_temperature,
-                                                 a.knn_sentinel, a.batch_size)))
-        for key, label, answer in settings:
-            answers = answer()
-            right = [x["answer"].casefold() in ans.casefold() for x, ans in zip(qa, answers)]
+        answers = {}
+        for key, label, chats in (("accuracy_without_retrieval", "without retrieval", plain),
+                                  ("accuracy_with_retrieval", "with retrieval", [m for m, _ in grounded])):
+            answers[key] = generate_replies(model, tok, chats, a.max_new_tokens, a.batch_size)
+            right = [x["answer"].casefold() in ans.casefold() for x, ans in zip(qa, answers[key])]
             report[key] = sum(right) / len(qa)
-            for x, ans in [(x, ans) for x, ans, ok in zip(qa, answers, right) if not ok][:a.show]:
+            for x, ans in [(x, ans) for x, ans, ok in zip(qa, answers[key], right) if not ok][:a.show]:
                 log(f"  wrong ({label}): {x['question']} -> {ans.strip()!r} (want {x['answer']!r})")
+        # the citation is scored apart from the value: does the reply point at a source that holds the
+        # answer (any cited [n])? A reply can cite the right source and still get the value wrong.
+        report["cites_right_source"] = sum(
+            any(1 <= n <= len(used) and holds_answer(used[n - 1], x) for n in cited(ans))
+            for x, ans, (_, used) in zip(qa, answers["accuracy_with_retrieval"], grounded)) / len(qa)
         lo, hi = report["accuracy_without_retrieval"], report["accuracy_with_retrieval"]
-        report.update(model=a.model, k=a.k, knn=a.knn, knn_temperature=a.knn_temperature, knn_sentinel=a.knn_sentinel,
-                      ratio=hi / lo if lo else None)
-        only = report.get("accuracy_sources_in_prompt_only")
+        report.update(model=a.model, k=a.k, ratio=hi / lo if lo else None)
         print(f"answers ({a.model}, greedy, up to {a.k} chunks in the prompt, {report['sources_in_prompt']:.1f} on "
               f"average): accuracy without retrieval {lo:.3f}, with retrieval {hi:.3f} "
-              f"({f'{hi / lo:.1f}x' if lo else 'none right without'})"
-              + (f"; with the sources' kNN vote, knn={a.knn:g} (sources in the prompt alone: {only:.3f})" if a.knn else ""))
+              f"({f'{hi / lo:.1f}x' if lo else 'none right without'}); "
+              f"{report['cites_right_source']:.3f} cite a source holding the answer")
     if a.results:
         with open(a.results + ".tmp", "w") as f:
             json.dump(report, f, indent=2)
@@ -827,12 +673,6 @@ def main(argv=None):
                        + ("; --model= measures retrieval only" if p.prog.endswith("eval") else ""))
         p.add_argument("--k", type=int, default=k, help="chunks put into the prompt (fewer if they do not fit)")
         p.add_argument("--max_new_tokens", type=int, default=32)
-        p.add_argument("--knn", type=float, default=10000.0, help="how much the sources' kNN vote weighs: a token they "
-                       "fully back becomes up to 1 + knn times more likely (SourceKNN; 0: the sources in the prompt alone)")
-        p.add_argument("--knn_temperature", type=float, default=0.1, help="of the kNN vote's softmax over squared "
-                       "distances per dimension")
-        p.add_argument("--knn_sentinel", type=float, default=1.0, help="the distance (per dimension) of the key that "
-                       "votes for nothing: no source key nearer than about this, little vote")
 
     p = sub.add_parser("index", help="chunk and embed documents into an index dir")
     p.add_argument("--docs", default="data/demo/rag/docs", help="a folder of .txt/.md files or a jsonl of {id, text}")

@@ -20,9 +20,7 @@ query; its rag_k best chunks go into that message as numbered sources, exactly a
 the reply carries them as an extra top-level field, "sources": [{"n", "id", "source", "offsets",
 "score", "text"}, ...] (in the first chunk of a stream); OpenAI clients ignore fields they do not
 know. A request sends "rag": false to skip retrieval. The search runs in the request's HTTP thread
-before the request joins the queue, so the model worker never waits for it. The sources also vote on
-every token of the answer, as in `rag.py ask` (rag.SourceKNN, weight --rag_knn; 0 turns it off): the
-worker runs them through the model when it prefills the request.
+before the request joins the queue, so the model worker never waits for it.
 
 How concurrent requests share the model (continuous batching): one worker thread owns the model
 and a KV cache with `max_batch` rows ("slots"). HTTP threads validate a request, tokenize it and
@@ -53,7 +51,7 @@ from common import die, load_model
 from configurator import configure
 from data_formats import DataError
 from model import sample_next
-from rag import Retriever, SourceKNN, grounded_prompt, source_list
+from rag import Retriever, grounded_prompt, source_list
 from tokenizer import StreamDecoder
 
 # -- config (python serve.py --key=value) ------------------------------------------------------------
@@ -75,7 +73,6 @@ default_max_tokens = 256     # max_tokens when a request gives none (capped by w
 timeout = 60                 # seconds a socket may sit idle (slow or stuck clients) before we hang up
 rag_index = ""               # a rag.py index dir: ground chat answers in its chunks and return them as sources
 rag_k = 3                    # chunks retrieved per chat request (fewer go into the prompt if they do not fit)
-rag_knn = 10000.0            # weight of the sources' kNN vote on each token (rag.SourceKNN); 0: the prompt alone
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -125,7 +122,6 @@ class Choice:
         self.req, self.index = req, index
         self.decoder = StreamDecoder(tok)   # ids -> text, never half a character
         self.text, self.sent, self.tokens = "", 0, 0
-        self.vote = None                    # the request's SourceKNN, made at prefill when it has sources
         self.generator = None
         if req.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -163,10 +159,8 @@ class Choice:
 class Engine:
     """The model worker: continuous batching over a fixed number of KV-cache rows."""
 
-    def __init__(self, model, tok, max_batch=8, max_queue=32, knn=0.0):
+    def __init__(self, model, tok, max_batch=8, max_queue=32):
         self.model, self.tok = model.eval(), tok
-        self.knn = knn                           # weight of the sources' vote (rag.SourceKNN); 0: none
-        self._stacked = ([], None)               # (the votes, their rows stacked into one SourceKNN)
         self.device = model.tok_embeddings.weight.device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = model.new_cache(max_batch)
@@ -244,27 +238,7 @@ class Engine:
         rows = torch.tensor(new_rows, device=self.device)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         self.cache.reset(rows)
-        votes = {}                               # one per request, shared by its choices
-        for r in new_rows:
-            req = self.rows[r].req
-            if req.sources and self.knn:
-                if id(req) not in votes:
-                    votes[id(req)] = SourceKNN(self.model, self.tok, [[s["text"] for s in req.sources]], self.knn)
-                self.rows[r].vote = votes[id(req)]
-        self.logits[rows] = self._vote(new_rows, *self.model.forward_cached(
-            idx.to(self.device), self.cache, rows=rows, lengths=lengths, hidden=True))
-
-    def _vote(self, rows, logits, h):
-        """logits with each grounded row's sources' vote applied (rag.SourceKNN), all in one call: the
-        votes of the grounded rows are stacked once per change of that set (a request admitted or done),
-        not once per step. 8 grounded rows of the demo model: 185 us a step instead of 427 one by one."""
-        at = [i for i, r in enumerate(rows) if self.rows[r] is not None and self.rows[r].vote is not None]
-        if at:
-            votes = [self.rows[rows[i]].vote for i in at]
-            if votes != self._stacked[0]:      # compared by identity (SourceKNN has no __eq__)
-                self._stacked = (votes, SourceKNN.stack(votes))
-            logits[at] = self._stacked[1](logits[at], h[at])
-        return logits
+        self.logits[rows] = self.model.forward_cached(idx.to(self.device), self.cache, rows=rows, lengths=lengths)
 
     def _step(self):
         """Sample one token for every active row, then one forward for all rows that go on."""
@@ -302,7 +276,7 @@ class Engine:
             self.cache.reset(torch.tensor(idle, device=self.device))
         tokens = torch.tensor(next_tokens[:hi], device=self.device)[:, None]
         rows = None if hi == self.max_batch else torch.arange(hi, device=self.device)
-        self.logits[:hi] = self._vote(range(hi), *self.model.forward_cached(tokens, self.cache, rows=rows, hidden=True))
+        self.logits[:hi] = self.model.forward_cached(tokens, self.cache, rows=rows)
 
 
 # -- request validation ------------------------------------------------------------------------------
@@ -694,13 +668,13 @@ class Server(ThreadingHTTPServer):
 
 def make_server(model, tok, host="127.0.0.1", port=0, api_key="", model_name="astrai-nano", max_batch=8,
                 max_queue=32, max_body_bytes=1_000_000, max_prompt_tokens=0, max_tokens_limit=1024,
-                default_max_tokens=256, timeout=60, log=True, rag=None, rag_k=3, rag_knn=10000.0):
+                default_max_tokens=256, timeout=60, log=True, rag=None, rag_k=3):
     """A ready server (call .serve_forever()) with its model worker running; port 0 picks a free port.
-    rag: a rag.Retriever to ground chat answers in (rag_k chunks each, whose kNN vote weighs rag_knn), or None.
+    rag: a rag.Retriever to ground chat answers in (rag_k chunks each), or None.
     Stop it with .shutdown(), then .server_close() and .engine.close()."""
     ctx = model.cfg.max_seq_len
     httpd = Server((host, port), Handler)
-    httpd.engine = Engine(model, tok, max_batch, max_queue, rag_knn if rag else 0.0)
+    httpd.engine = Engine(model, tok, max_batch, max_queue)
     httpd.app = {"model": model_name, "api_key": api_key, "max_body_bytes": max_body_bytes, "timeout": timeout,
                  "created": int(time.time()), "log": log, "rag": None if rag is None else (rag, rag_k),
                  "limits": {"context": ctx, "max_n": max_batch,
@@ -717,8 +691,6 @@ def main():
         die("max_batch, max_tokens_limit, default_max_tokens and max_body_bytes must be >= 1, max_queue >= 0")
     if rag_k < 1:
         die(f"rag_k must be >= 1, not {rag_k}")
-    if not 0 <= rag_knn < float("inf"):
-        die(f"rag_knn must be a finite number >= 0, not {rag_knn}")
     if threads:
         torch.set_num_threads(threads)
     dev = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
@@ -732,11 +704,9 @@ def main():
     model.to(getattr(torch, dtype))
     name = model_name or os.path.basename(os.path.normpath(out_dir))
     httpd = make_server(model, tok, host, port, api_key, name, max_batch, max_queue, max_body_bytes,
-                        max_prompt_tokens, max_tokens_limit, default_max_tokens, timeout, rag=retriever, rag_k=rag_k,
-                        rag_knn=rag_knn)
+                        max_prompt_tokens, max_tokens_limit, default_max_tokens, timeout, rag=retriever, rag_k=rag_k)
     h, p = httpd.server_address[:2]
-    grounded = "" if retriever is None else \
-        f", answers grounded in {rag_index} ({len(retriever)} chunks, k={rag_k}, source vote {rag_knn:g})"
+    grounded = "" if retriever is None else f", answers grounded in {rag_index} ({len(retriever)} chunks, k={rag_k})"
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M params, {dtype} on {dev}, {max_batch} slots, "
           f"torch threads {torch.get_num_threads()}{grounded}) on http://{h}:{p}"
           f"  (chat page: /, API: /v1)", flush=True)

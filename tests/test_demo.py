@@ -44,8 +44,7 @@ def test_quick_demo_pipeline(tmp_path):
     assert metrics(out, "grpo", "kl")[-1] > 0 and metrics(out, "grpo", "reward")
     rag = json.load(open(out / "rag" / "eval.json"))
     assert rag["recall@5"] >= 0.9, rag                      # retrieval finds the fact sheets
-    assert 0 <= rag["copy_probe"] <= 1, rag                 # and the reading check ran on the chat model
-    assert rag["knn"] > 0 and 0 <= rag["accuracy_sources_in_prompt_only"] <= 1, rag  # with and without the vote
+    assert 0 <= rag["cites_right_source"] <= 1, rag         # the chat model answered with the sources
     report = (tmp_path / "out" / "report.md").read_text()
     for stage in ("pretrain", "sft", "rm", "dpo", "grpo", "rag"):
         assert f"| {stage} |" in report

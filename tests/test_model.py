@@ -168,32 +168,6 @@ def test_stop_ids_end_rows_and_generation():
     assert int(steps[-1][0][0]) == stop and steps[-1][1].all()  # the stop token is yielded, active
 
 
-def test_generate_hook_sees_each_rows_hidden_state_and_steers_sampling():
-    """generate(hook=...) hands the hook every step's logits with the final hidden states they come
-    from (what hidden_states computes for the row's sequence so far, rows repeated for num_samples),
-    and samples from what it returns."""
-    m = make_model()
-    prompts = [[5, 9, 2], [7, 1, 3, 8, 4]]
-    seen = []
-
-    def record(logits, h):
-        seen.append((logits.clone(), h.clone()))
-        return logits
-
-    out = torch.stack([t for t, _ in m.generate(prompts, 6, temperature=0, num_samples=2, hook=record)], 1)
-    assert torch.equal(out, torch.stack([t for t, _ in m.generate(prompts, 6, temperature=0, num_samples=2)], 1))
-    assert len(seen) == 6
-    for step, (logits, h) in enumerate(seen):
-        assert h.shape == (4, m.cfg.dim)
-        for r in range(4):
-            seq = torch.tensor([prompts[r // 2] + out[r, :step].tolist()])
-            torch.testing.assert_close(h[r], m.hidden_states(seq)[0, -1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(logits, m.output(h).float(), atol=1e-5, rtol=1e-5)
-    forced = torch.stack([t for t, _ in m.generate(prompts, 5, temperature=1.0, hook=lambda logits, h:
-                                                   torch.full_like(logits, -1e9).index_fill(1, torch.tensor([42]), 0))], 1)
-    assert (forced == 42).all()
-
-
 def test_packed_documents_equal_separate():
     m = make_model()
     d1, d2 = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 12))

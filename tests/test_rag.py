@@ -2,7 +2,6 @@
 English sentence splitting, top-k equals brute-force sorting, the index round-trips, bad documents
 get a clear message, grounded prompts, and the index/query/ask/eval commands on a tiny model."""
 import json
-import math
 import random
 import re
 import subprocess
@@ -290,23 +289,17 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
     assert lines[0] == "query: How old is Bodo?" and lines[1].lstrip().startswith("1.") and "sub/bodo.txt#" in lines[1]
     assert lines[3] == "query: 卡米有宠物吗？" and "kami.md#" in lines[4] and len(lines) == 6
 
-    # ask: the printed answer is what the model generates greedily for the grounded prompt, with the
-    # sources' kNN vote (default) or without it (--knn=0)
+    # ask: the printed answer is what the model generates greedily for the grounded prompt
+    code, out, err = cli("ask", f"--index={index}", f"--model={run}", "--query=How old is Bodo?", "--k=2",
+                         "--max_new_tokens=8")
+    assert code == 0, err
     hits = rag.Retriever(str(index)).search(["How old is Bodo?"], 2)[0]
     model, mtok, _ = load_model(str(run))
-    ids, used = rag.grounded_prompt(mtok, [{"role": "user", "content": "How old is Bodo?"}], hits, 256 - 8)
-    vote = rag.SourceKNN(model, mtok, [[h["text"] for h in used]])
-    answers = set()
-    for flag, hook in (("--knn=10000", vote), ("--knn=0", None)):
-        code, out, err = cli("ask", f"--index={index}", f"--model={run}", "--query=How old is Bodo?", "--k=2",
-                             "--max_new_tokens=8", flag)
-        assert code == 0, err
-        want = [int(t) for t, a in model.generate([ids], 8, temperature=0, hook=hook) if a and int(t) not in mtok.stop_ids]
-        lines = out.splitlines()
-        assert lines[:3] == ["question: How old is Bodo?", "answer: " + mtok.decode(want).strip(), "sources:"]
-        assert lines[3].lstrip(" *").startswith(f"[1] {hits[0]['id']} chars ") and len(lines) == 5
-        answers.add(lines[1])
-    assert len(answers) == 2  # the vote changed this random model's answer
+    ids, _ = rag.grounded_prompt(mtok, [{"role": "user", "content": "How old is Bodo?"}], hits, 256 - 8)
+    want = [int(t) for t, a in model.generate([ids], 8, temperature=0) if a and int(t) not in mtok.stop_ids]
+    lines = out.splitlines()
+    assert lines[:3] == ["question: How old is Bodo?", "answer: " + mtok.decode(want).strip(), "sources:"]
+    assert lines[3].lstrip(" *").startswith(f"[1] {hits[0]['id']} chars ") and len(lines) == 5
 
     # eval: recall@k from the chunks; accuracy with a stand-in model that repeats its prompt, so a
     # question counts as answered exactly when the answer is in the prompt it was given
@@ -315,14 +308,14 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
           {"question": "What is Kami's cat called?", "answer": "Zizo", "doc": "kami.md"},
           {"question": "Where does Bodo live?", "answer": "Lotavi", "doc": "docs/sub/bodo.txt"}]  # not in that doc
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in qa))
-    calls = []  # (chats, the hook's knn or None) of each call
+    calls = []  # the last user message of each chat, per call
 
-    def echo(model, tok, chats, *a, hook=None, **kw):
-        calls.append(([c[-1]["content"] for c in chats], hook and (hook.knn, hook.temperature, hook.sentinel)))
+    def echo(model, tok, chats, *a, **kw):
+        calls.append([c[-1]["content"] for c in chats])
         return [c[-1]["content"] for c in chats]
     monkeypatch.setattr(rag, "generate_replies", echo)
     code, out, err = cli("eval", f"--index={index}", f"--model={run}", f"--qa={tmp_path / 'qa.jsonl'}", "--k=2",
-                         f"--results={tmp_path / 'eval.json'}", "--knn=77", "--knn_temperature=0.3", "--knn_sentinel=2")
+                         f"--results={tmp_path / 'eval.json'}")
     assert code == 0, err
     res = json.loads((tmp_path / "eval.json").read_text())
     results = rag.Retriever(str(index)).search([x["question"] for x in qa], 5)
@@ -332,92 +325,18 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
     assert res["recall@1"] == sum(r == 1 for r in first) / 4
     in_prompt = [any(x["answer"] in h["text"] for h in hits[:2]) for x, hits in zip(qa, results)]
     assert res["accuracy_without_retrieval"] == 0 and res["accuracy_with_retrieval"] == sum(in_prompt) / 4 > 0
-    assert res["accuracy_sources_in_prompt_only"] == res["accuracy_with_retrieval"]  # the echo ignores the vote
-    # without retrieval: the bare questions, no vote; then the grounded prompts without and with the vote
-    assert calls[0] == ([x["question"] for x in qa], None)
-    assert calls[1][0] == calls[2][0] != calls[0][0] and calls[1][1] is None and calls[2][1] == (77, 0.3, 2)
-    assert res["knn"] == 77 and res["knn_sentinel"] == 2
+    # the echo cites every source it was given ("[1] ...", "[2] ..."): right when one of them holds the
+    # answer in its own document (the last question's answer is only in another document)
+    right_doc = [any(rag.holds_answer(h, x) for h in hits[:2]) for x, hits in zip(qa, results)]
+    assert res["cites_right_source"] == sum(right_doc) / 4 > 0 and not right_doc[3]
+    # without retrieval: the bare questions; then the grounded prompts
+    assert calls[0] == [x["question"] for x in qa] and len(calls) == 2
+    assert all(c.endswith(x["question"]) and c != x["question"] for c, x in zip(calls[1], qa))
     assert f"recall@5 {res['recall@5']:.3f}" in out and "accuracy without retrieval 0.000" in out
-    assert f"reading check: the model predicts {res['copy_probe']:.0%}" in out   # the untrained model: ~0%
+    assert "knn" not in json.dumps(res) and "copy_probe" not in res
 
     code, out, err = cli("ask", "--index=/nonexistent", "--query=x")
     assert code == 1 and "not a rag index" in err
-    for bad in ("--knn_temperature=0", "--knn=inf", "--knn_sentinel=-1"):
-        code, out, err = cli("ask", f"--index={index}", f"--model={run}", "--query=x", bad)
-        assert code == 1 and "--knn_temperature finite and > 0" in err and len(err.strip().splitlines()) == 1
-
-
-def test_source_knn_vote_equals_its_formula(tok, tmp_path):
-    """SourceKNN against a direct computation: every source run through the model alone (no padding),
-    p_kNN(w) = sum over the keys whose next token is w of exp(-d_j / T) / (sum_j exp(-d_j / T) +
-    exp(-sentinel / T)), d_j = ||h - k_j||^2 / dim, and the answer's log-probabilities
-    log p_LM + log(1 + knn p_kNN). A row without sources is left as the model has it."""
-    model, mtok, _ = load_model(str(make_chat_run(tmp_path / "m", tok)))
-    sources = [["Kami lives in Lotavi. Kami is 34 years old.", "卡米住在洛塔维。"], [], ["Bodo is   a baker.\n\nBodo!"]]
-    vote = rag.SourceKNN(model, mtok, sources, knn=50.0, temperature=0.3, sentinel=0.8, batch_size=2)  # padding
-    g = torch.Generator().manual_seed(0)
-    h, logits = torch.randn(3, model.cfg.dim, generator=g), torch.randn(3, model.cfg.vocab_size, generator=g)
-    out = vote(logits, h)
-    for r, texts in enumerate(sources):
-        p = torch.zeros(model.cfg.vocab_size)
-        if texts:
-            keys, values = [], []
-            for t in texts:
-                ids = [mtok.bos_id] + mtok.encode(" ".join(t.split()))
-                keys.append(model.hidden_states(torch.tensor([ids]))[0, :-1])
-                values += ids[1:]
-            d = ((torch.cat(keys) - h[r]) ** 2).sum(-1) / model.cfg.dim
-            e = torch.exp(-d.double() / 0.3)
-            w = e / (e.sum() + math.exp(-0.8 / 0.3))
-            for wj, v in zip(w, values):
-                p[v] += wj
-            assert 0.01 < p.sum().item() < 0.99   # the sentinel holds a share of a random h's vote
-        want = logits[r].log_softmax(-1) + torch.log1p(50.0 * p)
-        torch.testing.assert_close(out[r], want, atol=1e-4, rtol=1e-4)
-    assert torch.equal(out[1], logits[1].log_softmax(-1))
-    # at a key itself, with a sharp softmax and a strong vote, the next token is that key's value; far
-    # from every key (past the sentinel) the vote fades to nothing
-    sharp = rag.SourceKNN(model, mtok, sources[:1], knn=1e6, temperature=1e-4)
-    for j in (0, 5, 11):
-        assert int(sharp(logits[:1], sharp.keys[0, j][None]).argmax()) == int(sharp.values[0, j])
-    far = sharp.keys[0, 0][None] + 1e3
-    torch.testing.assert_close(sharp(logits[:1], far), logits[:1].log_softmax(-1))
-    assert torch.equal(rag.SourceKNN(model, mtok, sources, knn=0.0)(logits, h), logits.log_softmax(-1))
-    for bad in (dict(knn=math.inf), dict(knn=-1.0), dict(temperature=0.0), dict(sentinel=math.nan)):
-        with pytest.raises(ValueError, match="sources' vote needs"):
-            rag.SourceKNN(model, mtok, sources, **bad)
-
-
-def test_stacked_votes_equal_each_alone(tok, tmp_path):
-    """SourceKNN.stack (serve.py's batch): rows of votes with different numbers of keys, stacked, score
-    each row as its own vote does; votes with other settings are refused."""
-    model, mtok, _ = load_model(str(make_chat_run(tmp_path / "m", tok)))
-    votes = [rag.SourceKNN(model, mtok, [ts]) for ts in (["Kami lives in Lotavi."], [], EN[:3], ZH[:1])]
-    g = torch.Generator().manual_seed(1)
-    h, logits = torch.randn(4, model.cfg.dim, generator=g), torch.randn(4, model.cfg.vocab_size, generator=g)
-    stacked = rag.SourceKNN.stack(votes)(logits, h)
-    for i, v in enumerate(votes):
-        torch.testing.assert_close(stacked[i:i + 1], v(logits[i:i + 1], h[i:i + 1]), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="different settings"):
-        rag.SourceKNN.stack([votes[0], rag.SourceKNN(model, mtok, [EN[:1]], knn=5.0)])
-
-
-def test_answer_grounded_gives_each_chat_its_own_sources(tok, tmp_path):
-    """Batched answers (3 chats in one batch, then a batch of 1) equal each chat answered alone with a
-    vote over its own sources only."""
-    model, mtok, _ = load_model(str(make_chat_run(tmp_path / "m", tok)))
-    texts = [["Kami lives in Lotavi. Kami is 34 years old."], ["卡米住在洛塔维。卡米今年34岁。"], [],
-             ["The quick brown fox jumps over the lazy dog!", "Pi is about 3.14, and e is about 2.72."]]
-    chats = [[{"role": "user", "content": q}] for q in ("How old is Kami?", "卡米今年多大？", "Hi", "What is pi?")]
-    used = [[{"text": t} for t in ts] for ts in texts]
-    got = rag.answer_grounded(model, mtok, chats, used, 10, knn=1e4, batch_size=3)
-    for chat, ts, answer in zip(chats, texts, got):
-        ids = mtok.render_chat(chat, add_generation_prompt=True)[0]
-        hook = rag.SourceKNN(model, mtok, [ts], knn=1e4)
-        want = [int(t) for t, a in model.generate([ids], 10, temperature=0, stop_ids=mtok.stop_ids, hook=hook)
-                if a and int(t) not in mtok.stop_ids]
-        assert answer == mtok.decode(want)
-    assert len(set(got)) > 2
 
 
 def test_demo_world_retrieval_chats_use_the_rag_prompt():
@@ -436,37 +355,3 @@ def test_demo_world_retrieval_chats_use_the_rag_prompt():
         hits = [{"text": s.split("] ", 1)[1]} for s in sources.split("\n")]
         assert rag.ground_messages([{"role": "user", "content": question}], hits)[0]["content"] == user["content"]
         assert rag.cited(reply["content"]) or reply["content"] in demo_world.DONT_KNOW
-
-
-class FakeLM(torch.nn.Module):
-    """Stands in for a Transformer in copy_probe: with induction=True its logits at each position point at
-    the token that followed the latest earlier occurrence of the current token (an ideal induction head),
-    else always at one token (a model blind to its context)."""
-
-    def __init__(self, vocab, induction):
-        super().__init__()
-        self.cfg = ModelConfig(vocab_size=vocab, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, max_seq_len=64)
-        self.tok_embeddings = torch.nn.Embedding(vocab, 8)
-        self.induction = induction
-
-    def forward(self, x):
-        assert x.shape[1] <= self.cfg.max_seq_len
-        logits = torch.zeros(*x.shape, self.cfg.vocab_size)
-        logits[..., 5] = 1.0
-        if self.induction:
-            for b, row in enumerate(x.tolist()):
-                for p, t in enumerate(row):
-                    q = next((q for q in range(p - 1, -1, -1) if row[q] == t), None)
-                    if q is not None:
-                        logits[b, p, row[q + 1]] = 2.0
-        return logits, None
-
-
-def test_copy_probe_tells_a_copying_model_from_a_blind_one(tok):
-    """copy_probe scores an ideal induction head 1 (every token of the second copy after its first, with the
-    length capped by max_seq_len 64) and a context-blind model ~0; an off-by-one in the positions would
-    score the copier ~0 too. Random tokens can repeat within a sequence, so the copier is not exact there
-    - the probe scores 16 x 30 tokens drawn from the ordinary ids of a 400-token vocabulary."""
-    copier, blind = FakeLM(tok.vocab_size, True), FakeLM(tok.vocab_size, False)
-    assert rag.copy_probe(copier, tok) > 0.9
-    assert rag.copy_probe(blind, tok) < 0.05

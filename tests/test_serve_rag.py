@@ -1,15 +1,13 @@
 """serve.py --rag_index: chat answers grounded in a tiny TF-IDF index. The server must retrieve with
 the last user message, put the chunks into the prompt exactly as `rag.py ask` does (the model's answer
 and prompt_tokens are checked against rag.grounded_prompt), return them as "sources" (JSON reply and
-first stream chunk), apply the sources' kNN vote (rag.SourceKNN) to the answer as `rag.py ask` does, keep
-retrieval out of the model worker's way, and refuse a bad index at startup."""
+first stream chunk), keep retrieval out of the model worker's way, and refuse a bad index at startup."""
 import http.client
 import json
 import os
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -49,10 +47,10 @@ def live(run_dir, index):
     server.prompts = []  # the text of every prompt the worker prefilled, as the model saw it
     inner = server.model.forward_cached
 
-    def forward_cached(idx, cache, rows=None, lengths=None, **kw):
+    def forward_cached(idx, cache, rows=None, lengths=None):
         if lengths is not None:
             server.prompts += [server.tok.decode(idx[i, :n].tolist()) for i, n in enumerate(lengths.tolist())]
-        return inner(idx, cache, rows=rows, lengths=lengths, **kw)
+        return inner(idx, cache, rows=rows, lengths=lengths)
     server.model.forward_cached = forward_cached
     yield server
     server.close()
@@ -62,15 +60,12 @@ def ask(question, **kw):
     return {"messages": [{"role": "user", "content": question}], "temperature": 0, **kw}
 
 
-def expected(live, question, max_tokens, knn=10000.0):
-    """(grounded prompt ids, the hits in it, the greedy answer) as rag.py ask builds them (the sources'
-    kNN vote at weight knn)."""
+def expected(live, question, max_tokens):
+    """(grounded prompt ids, the hits in it, the greedy answer) as rag.py ask builds them."""
     hits = live.httpd.app["rag"][0].search([question], K)[0]
     ids, used = rag.grounded_prompt(live.tok, [{"role": "user", "content": question}], hits,
                                     live.model.cfg.max_seq_len - max_tokens)
-    vote = rag.SourceKNN(live.model, live.tok, [[h["text"] for h in used]], knn) if used and knn else None
-    answer = [int(t) for t, _ in live.model.generate([ids], max_tokens, temperature=0, hook=vote)]
-    return ids, used, live.tok.decode(answer)
+    return ids, used, live.tok.decode(greedy(live.model, ids, max_tokens))
 
 
 @pytest.mark.parametrize("question,top", [("What is Kami's pet?", "kami.md"),
@@ -93,54 +88,6 @@ def test_chat_answer_is_grounded_and_returns_sources(live, question, top):
     assert r["choices"][0]["message"]["content"] == want
     plain = serve.chat_prompt(live.tok, [{"role": "user", "content": question}])
     assert r["usage"]["prompt_tokens"] == len(ids) > len(plain) + 10
-
-
-def test_source_vote_weight_is_the_servers_setting(run_dir, index, live):
-    """--rag_knn=0 serves the sources in the prompt alone; the default's answer differs for this
-    random model (the vote moved it), and each is what rag.py would generate with that weight."""
-    question = "What is Kami's pet?"
-    plain = Live(run_dir, max_batch=2, rag=rag.Retriever(str(index)), rag_k=K, rag_knn=0.0)
-    try:
-        answers = {}
-        for server, knn in ((plain, 0.0), (live, 10000.0)):
-            status, _, r = server.request("POST", "/v1/chat/completions", ask(question, max_tokens=12))
-            assert status == 200, r
-            answers[knn] = r["choices"][0]["message"]["content"]
-            assert answers[knn] == expected(server, question, 12, knn)[2]
-        assert answers[0.0] != answers[10000.0]
-    finally:
-        plain.close()
-
-
-def test_each_row_gets_its_own_requests_vote(live):
-    """Grounded requests with different sources, one with n=2, and a rag:false one, admitted in one
-    prefill, then a request joining while another decodes (prefilled into a higher row): each reply is
-    what its request gets alone, so no row is handed another request's vote or none."""
-    qs = ["What is Kami's pet?", "Where did the dog run?", "卡米喜欢吃什么？"]
-    want = [expected(live, q, 12)[2] for q in qs]
-    plain_body = {"messages": [{"role": "user", "content": qs[0]}], "temperature": 0, "max_tokens": 12, "rag": False}
-    plain = live.request("POST", "/v1/chat/completions", plain_body)[2]["choices"][0]["message"]["content"]
-    with ThreadPoolExecutor(8) as pool:
-        live.gate.close()
-        fut = [pool.submit(live.request, "POST", "/v1/chat/completions", plain_body)]
-        fut += [pool.submit(live.request, "POST", "/v1/chat/completions", ask(q, max_tokens=12, n=2 if i == 1 else 1))
-                for i, q in enumerate(qs)]
-        live.wait_for("all queued", lambda h: h["active"] + h["queued"] == 4)
-        live.gate.open()
-        got = [[c["message"]["content"] for c in f.result(120)[2]["choices"]] for f in fut]
-        assert got == [[plain], [want[0]], [want[1]] * 2, [want[2]]]
-        assert len(set(want + [plain])) == 4
-        live.gate.close()
-        first = pool.submit(live.request, "POST", "/v1/chat/completions", ask(qs[0], max_tokens=40))
-        live.wait_for("first queued", lambda h: h["active"] + h["queued"] == 1)
-        live.gate.open()
-        live.wait_for("first decoding", lambda h: h["active"] == 1)
-        live.gate.close()
-        second = pool.submit(live.request, "POST", "/v1/chat/completions", ask(qs[2], max_tokens=12))
-        live.wait_for("second queued", lambda h: h["active"] + h["queued"] == 2)
-        live.gate.open()
-        assert second.result(120)[2]["choices"][0]["message"]["content"] == want[2]
-        assert first.result(120)[2]["choices"][0]["message"]["content"] == expected(live, qs[0], 40)[2]
 
 
 def test_stream_sends_sources_in_the_first_chunk(live):
