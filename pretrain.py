@@ -16,16 +16,17 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 
 from common import (EarlyStopping, MetricsLogger, all_reduce_mean, build_optimizer, catch_signals,
-                    check_model_config, checkpoint_state, die, generation_context, get_batch, get_lr,
+                    check_model_config, checkpoint_state, copy_probe, die, generation_context, get_batch, get_lr,
                     grad_sync, load_checkpoint, measure_matmul_peak, print0, restore_checkpoint,
                     save_checkpoint, set_lr, setup, shutdown, step_optimizer, stop_requested, unwrap,
                     wrap_model, write_json)
 from configurator import configure
 from data_formats import DataError, check_vocab, load_meta, open_tokens
-from model import ModelConfig, Transformer
+from model import IGNORE_INDEX, ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------
@@ -46,10 +47,16 @@ rope_theta = 10000.0
 norm_eps = 1e-5
 tie_embeddings = True
 dropout = 0.0
+smear_keys = False       # each key mixed with the previous token's (model.Attention.smear)
 # batches: tokens per optimizer step = batch_size * grad_accum * world_size * max_seq_len
 batch_size = 16          # sequences per micro-step per process
 grad_accum = 1           # micro-steps per optimizer step (gradients add up locally, one all-reduce)
 doc_mask = False         # attention stops at BOS (each document attends only to itself)
+# copy drills (copy_drills below): rows of random token spans, each written twice. Steps
+# [copy_start, copy_end) train on drills alone; after copy_end, copy_frac of the rows are drills.
+copy_start = 0
+copy_end = 0             # 0: no drill phase
+copy_frac = 0.0
 # AdamW and schedule
 lr = 2e-3                # peak learning rate
 min_lr = 2e-4            # floor of the decay (lr / 10, Chinchilla)
@@ -150,6 +157,7 @@ if resume:
     ckpt = None
 if ctx.master:
     tokenizer.save(out_dir)
+ordinary_ids = np.array([i for i in range(vocab_size) if tokenizer.token_bytes(i)])  # copy drills' tokens
 logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
 tokens_per_step = batch_size * grad_accum * ctx.world_size * max_seq_len
 print0(f"{tokens_per_step:,} tokens per step, {max_steps} steps: {tokens_per_step * max_steps / 1e6:.1f}M tokens "
@@ -158,9 +166,39 @@ print0(f"{tokens_per_step:,} tokens per step, {max_steps} steps: {tokens_per_ste
 
 def batch(data, key, micro_step=0, accum=1):
     x, y = get_batch(data, batch_size, max_seq_len, key, ctx.rank, ctx.world_size, micro_step, accum, ctx.device)
+    if data is train_data:
+        x, y = copy_drills(x, y, key, micro_step)
     # doc_ids: a new id at every BOS, so attention and RoPE positions restart at each document
     doc_ids = torch.cumsum(x == tokenizer.bos_id, dim=1) if doc_mask else None
     return x, y, doc_ids
+
+
+def copy_drills(x, y, key, micro_step):
+    """Replace some rows by copy drills: BOS, then random spans of 8-48 ordinary tokens (at most a quarter
+    of the window), each written twice, with loss only on the second copies (the first is noise). Copying from the context is
+    the skill every later stage leans on (SFT reads the question, RAG reads its sources), and it comes
+    from induction heads, which form fast on repeated sequences (Olsson et al. 2022; Bietti et al. 2023,
+    "Birth of a Transformer"). Mixed into the corpus from the start they form slowly (the corpus rarely
+    rewards them), and drills from step 0 leave less time for the facts: so the demo learns from the
+    corpus first, then drills alone for a while (copy probe ~0 -> ~90%), then mostly corpus again while
+    the learning rate decays, a few drills keeping the skill."""
+    step = key[-1]
+    frac = 1.0 if copy_start <= step < copy_end else copy_frac if step >= copy_end else 0.0
+    # seeded like get_batch's rows: one process with grad_accum n draws what n processes draw
+    rng = np.random.default_rng((seed, 2, step, micro_step * ctx.world_size + ctx.rank))
+    rows = np.flatnonzero(rng.random(x.shape[0]) < frac)
+    longest = max(2, min(48, max_seq_len // 4))  # so that every row holds a second copy
+    x, y = x.clone(), y.clone()  # get_batch's x and y share memory
+    for r in rows:
+        toks, keep = [tokenizer.bos_id], [False]
+        while len(toks) <= max_seq_len:
+            span = rng.choice(ordinary_ids, rng.integers(min(8, longest), longest + 1)).tolist()
+            toks += span + span
+            keep += [False] * len(span) + [True] * len(span)
+        row = torch.tensor(toks[:max_seq_len + 1], device=x.device)
+        x[r], y[r] = row[:-1], row[1:].masked_fill(~torch.tensor(keep[1:max_seq_len + 1], device=x.device),
+                                                   IGNORE_INDEX)
+    return x, y
 
 
 @torch.no_grad()
@@ -227,7 +265,9 @@ while True:
             die(f"val loss {val_loss} at step {step}: training diverged, stopping without saving "
                 f"({last_good()}). Try a lower lr or more warmup_steps.")
         is_best, early_stop = stopper.update(val_loss)
-        record = {"step": step, "val_loss": val_loss}
+        raw.eval()
+        record = {"step": step, "val_loss": val_loss, "copy_probe": copy_probe(raw, tokenizer)}
+        raw.train()
         if tokens_per_byte:
             record["val_bpb"] = val_loss / math.log(2) * tokens_per_byte
         logger.log(record)

@@ -12,22 +12,29 @@ max_seq_len = 256
 rope_theta = 10000.0
 tie_embeddings = True
 dropout = 0.0
+smear_keys = True      # lets a model this small learn to copy from its context (model.Attention.smear)
 
 # data: the demo world (python prepare_data.py demo), ~0.3M training tokens
 data_dir = "data/demo/pretrain"
 out_dir = "out/pretrain"
-# 16 x 256 = 4096 tokens per step; 600 steps = 2.5M tokens, about 8 passes over the demo corpus,
-# whose facts are stated many times over: the model needs several passes to learn them.
+# 16 x 256 = 4096 tokens per step; 1100 steps = 4.5M tokens, about 8 passes over the demo corpus
+# (less the drills), whose facts are stated many times over: the model needs several passes to learn them.
 batch_size = 16
 grad_accum = 1
-# A small model takes a larger lr than the 1B recipe (its lr ~1e-3): 2e-3 with a short warmup,
-# cosine down to 10%.
+# Three phases (pretrain.copy_drills): corpus, then copy drills alone at the peak lr until the copy probe
+# is near 90%, then corpus with 10% drills while the lr decays, which is when the facts settle in.
+copy_start = 300
+copy_end = 550
+copy_frac = 0.1
+# A small model takes a larger lr than the 1B recipe (its lr ~1e-3): 2e-3 with a short warmup, held
+# (warmup-stable-decay) through the drills, then down to 10% over the second half.
 lr = 2e-3
 min_lr = 2e-4
 warmup_steps = 50
-max_steps = 600
-lr_schedule = "cosine"
-eval_interval = 100
+max_steps = 1100
+lr_schedule = "wsd"
+wsd_decay_frac = 0.5
+eval_interval = 50
 eval_iters = 10
 log_interval = 20
 sample_tokens = 40
