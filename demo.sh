@@ -13,7 +13,7 @@ OUT=${OUT:-out}
 DATA=${DATA:-data/demo}
 
 if [ "${QUICK:-0}" = 1 ]; then   # few steps per stage: checks the plumbing, not the quality
-  PT="--max_steps=120 --eval_interval=60 --warmup_steps=10 --sample_tokens=0"
+  PT="--max_steps=120 --eval_interval=60 --warmup_steps=10 --copy_start=40 --copy_end=80 --sample_tokens=0"
   SFT="--max_steps=60 --eval_interval=30 --eval_answers=64"
   RM="--max_steps=40 --eval_interval=20"
   DPO="--max_steps=30 --eval_interval=15 --eval_answers=64 --self_play=1"
@@ -43,7 +43,8 @@ stage sft      $PY sft.py --init_from="$OUT/pretrain" --out_dir="$OUT/sft" --dat
 stage rm       $PY rm.py  --init_from="$OUT/sft" --out_dir="$OUT/rm" --data="$DATA/pairs.jsonl" \
                  --dev_data="$DATA/pairs_dev.jsonl" $RM
 stage dpo      $PY dpo.py --init_from="$OUT/sft" --out_dir="$OUT/dpo" --data="$DATA/pairs.jsonl" \
-                 --dev_data="$DATA/pairs_dev.jsonl" --answer_data="$DATA/sft_dev.jsonl" $DPO
+                 --dev_data="$DATA/pairs_dev.jsonl" --answer_data="$DATA/sft_dev.jsonl" \
+                 --refusal_data="$DATA/refuse_dev.jsonl" $DPO
 stage grpo     $PY grpo.py $GRPO_CONFIG --init_from="$OUT/dpo" --out_dir="$OUT/grpo" --data="$DATA/grpo.jsonl" \
                  --eval_data="$DATA/grpo_dev.jsonl" $GRPO
 stage rag      bash -c "$PY rag.py index --docs=$DATA/rag/docs --tokenizer=$DATA/tokenizer.model --out_dir=$OUT/rag && \

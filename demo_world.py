@@ -11,7 +11,9 @@ it on a laptop CPU in minutes, and every later stage has something measurable to
     sft.jsonl         chats: questions about the world, arithmetic, translation, some multi-turn,
                       and answering from numbered sources with a citation (as rag.py asks)
     pairs.jsonl       questions about facts taught in sft.jsonl, the true answer (chosen) and a wrong,
-                      evasive or off-topic one (rejected)
+                      evasive or off-topic one (rejected); and questions about strangers (people who
+                      appear nowhere else), "I don't know." (chosen) over a made-up answer (rejected)
+    refuse_dev.jsonl  chats asking about dev strangers, answered "I don't know." (what DPO should learn)
     grpo.jsonl        arithmetic word problems with the numeric answer
     rag/docs/         fact sheets about people who appear nowhere else, and rag/qa.jsonl about them
     *_dev.jsonl       held-out examples of each (for sft and grpo a dev example's fact or numbers
@@ -384,8 +386,32 @@ def rag_chats(w, n_people=40, n_sources=3):
     return out
 
 
-def write_world(out_dir, seed=1337, n_people=150, n_towns=20, n_rag=30, bios=20):
-    """Write everything listed in the module docstring under out_dir; returns the corpus dir."""
+def strangers(w, n_people=100, dev_frac=0.34, n_rejected=3):
+    """Preference pairs that teach abstaining: questions about people nobody has heard of, with "I don't
+    know." chosen over answers in the right format with made-up values (hallucinations; n_rejected per
+    question, as several wrong values per fact teach the reward model that only one is right). SFT never
+    shows such a question, so the SFT model answers them confidently: the behaviour DPO is asked to
+    change (README, DPO). Sets w.strangers; returns the train pairs and the dev strangers' questions as
+    chats (refuse_dev.jsonl), which dpo.py scores; pairs_dev.jsonl stays about known people, as the
+    reward model's held-out accuracy was measured. A dev stranger is in no train file."""
+    w.strangers = [w.person() for _ in range(n_people)]
+    pairs, dev_chats = [], []
+    for p in w.strangers:
+        dev = bucket("stranger", p["en"]["n"]) < dev_frac
+        for a in ATTRS:
+            for lang in ("en", "zh"):
+                q, idk = question(p, a, lang, w.rng.randrange(2)), DONT_KNOW[lang == "zh"]
+                if dev:
+                    dev_chats.append(chat(w.rng, [(q, idk)], lang))
+                    continue
+                fakes = {fact(p, a, lang, **{k: v for k, v in o[lang].items() if k != "n"})
+                         for o in w.rng.sample(w.strangers, n_rejected)}
+                pairs += [{"prompt": q, "chosen": idk, "rejected": f} for f in sorted(fakes)]
+    return pairs, dev_chats
+
+
+def write_world(out_dir, seed=1337, n_people=150, n_towns=20, n_rag=30, bios=20, n_strangers=100):
+    """Write everything listed in the module docstring under out_dir; returns the World."""
     w = World(seed, n_people, n_towns, n_rag)
 
     def write(path, text):
@@ -405,6 +431,10 @@ def write_world(out_dir, seed=1337, n_people=150, n_towns=20, n_rag=30, bios=20)
     for split, extra in zip(data["sft"], rag_chats(w)):  # retrieval chats go with the other chats
         split += extra
         w.rng.shuffle(split)
+    pairs, refuse_dev = strangers(w, n_strangers)  # made last: the rest of the world stays as it was
+    data["pairs"][0].extend(pairs)
+    w.rng.shuffle(data["pairs"][0])
+    write("refuse_dev.jsonl", jsonl(refuse_dev))
     for kind, (train, dev) in data.items():
         write(f"{kind}.jsonl", jsonl(train))
         write(f"{kind}_dev.jsonl", jsonl(dev))
@@ -412,4 +442,4 @@ def write_world(out_dir, seed=1337, n_people=150, n_towns=20, n_rag=30, bios=20)
         write(os.path.join("rag", "docs", name), text)
     write(os.path.join("rag", "qa.jsonl"), jsonl(qa))
     write(os.path.join("rag", "qa_dev.jsonl"), jsonl(qa_dev))
-    return os.path.join(out_dir, "corpus")
+    return w

@@ -30,9 +30,10 @@ out_dir/self_play.jsonl, and a resumed run reads them back.
 The implicit reward of a reply is beta * (lp - ref); like TRL we log rewards/chosen, rewards/rejected,
 rewards/accuracies (chosen reward > rejected) and rewards/margins, on training batches and on the dev
 pairs. Also on the dev pairs: likelihood_acc, how often the policy alone prefers the chosen reply
-(lp_c > lp_r; at step 0 that is the SFT model's preference accuracy, the baseline), and answer_acc,
+(lp_c > lp_r; at step 0 that is the SFT model's preference accuracy, the baseline); answer_acc,
 greedy replies to answer_data's chats matched exactly, to see that preference training does not hurt
-answering. Identical and over-long pairs are counted and skipped.
+answering; and refusal_acc, the same on refusal_data (the demo: "I don't know." to questions about
+strangers held out of the pairs, the behaviour the demo's pairs teach). Identical and over-long pairs are counted and skipped.
 Reads init_from/{ckpt.pt, tokenizer.model}, data, dev_data, answer_data; writes out_dir/{ckpt.pt,
 ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl, self_play.jsonl}. SIGTERM or Ctrl-C saves
 and exits; --init_from=resume continues exactly where it stopped, against the same reference.
@@ -61,17 +62,18 @@ init_from = "out/sft"    # the SFT run that gives both policy and reference, or 
 data = "data/demo/pairs.jsonl"
 dev_data = "data/demo/pairs_dev.jsonl"
 answer_data = "data/demo/sft_dev.jsonl"  # chats whose last reply is generated and scored ('' : skip)
+refusal_data = "data/demo/refuse_dev.jsonl"  # the same, for questions the model should decline ('' : skip)
 out_dir = "out/dpo"
 beta = 0.1
 label_smoothing = 0.0    # conservative DPO: eps, the assumed probability that a label is flipped
 loss_type = "sigmoid"    # sigmoid (DPO) | ipo
 rpo_alpha = 1.0          # > 0: add the chosen reply's per-token NLL with this weight (RPO), keeps it likely
-self_play = 8            # > 0: this many replies sampled from the reference per distinct (prompt, chosen)
+self_play = 2            # > 0: this many replies sampled from the reference per distinct (prompt, chosen)
                          # become extra rejected replies where they differ from chosen (SPIN); 0: data only
 batch_size = 16          # pairs per micro-step per process
 grad_accum = 1
-lr = 2e-5                # with 8 self-play samples: the one setting at or above SFT's answers over 3 seeds
-min_lr = 2e-6
+lr = 5e-5                # the demo: refusals to held-out strangers +5 points, answers not below SFT's (README)
+min_lr = 5e-6
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
@@ -190,7 +192,8 @@ def main():
 
     try:
         train_pairs, dev_pairs = read_jsonl(data, "pairs", log=print0), read_jsonl(dev_data, "pairs", log=print0)
-        chats = read_jsonl(answer_data, "sft", log=print0) if answer_data else []
+        scored = {key: read_jsonl(path, "sft", log=print0) for key, path in
+                  (("answer_acc", answer_data), ("refusal_acc", refusal_data)) if path}
     except DataError as e:
         die(str(e))
     if self_play:
@@ -217,8 +220,8 @@ def main():
            f"(identical pairs are counted in the 'lines skipped' above)")
     if not train or not dev:
         die("no usable pairs left; raise max_seq_len or check the data")
-    qa = [(c["messages"][:-1], c["messages"][-1]["content"]) for c in chats if c["messages"][-1]["role"] == "assistant"]
-    qa = qa[:eval_answers or len(qa)]
+    scored = {key: [(c["messages"][:-1], c["messages"][-1]["content"]) for c in chats
+                    if c["messages"][-1]["role"] == "assistant"][:eval_answers or None] for key, chats in scored.items()}
 
     model = wrap_model(model, ctx, parallel, compile)
     optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
@@ -249,7 +252,7 @@ def main():
     @torch.no_grad()
     def evaluate():
         """DPO statistics over every dev pair; 'likelihood_acc': the policy alone prefers chosen
-        (lp_c > lp_r, the SFT model's preference accuracy at step 0); answer accuracy on qa."""
+        (lp_c > lp_r, the SFT model's preference accuracy at step 0); answer and refusal accuracy."""
         model.eval()
         sums = torch.zeros(6, device=ctx.device)
         for start in range(0, len(dev), batch_size * ctx.world_size):
@@ -257,15 +260,17 @@ def main():
             real = [dev[i] for i in ids if i < len(dev)]
             loss, stats, likelihood_acc = forward(real or dev[:1])  # a rank past the end runs pair 0 with weight 0
             sums += torch.stack([loss, *stats.values(), likelihood_acc]) * len(real)
+        replies = {}
         with generation_context(model):
-            replies = generate_replies(unwrap(model), tokenizer, [m for m, _ in qa], answer_tokens) if qa else []
+            for key, qa in scored.items():
+                replies[key] = generate_replies(unwrap(model), tokenizer, [m for m, _ in qa], answer_tokens)
         model.train()
         sums = (all_reduce_mean(ctx, sums) * ctx.world_size / len(dev)).tolist()
         keys = ["dev_loss", "dev_rewards/chosen", "dev_rewards/rejected", "dev_rewards/accuracies",
                 "dev_rewards/margins", "dev_likelihood_acc"]
         record = dict(zip(keys, sums))
-        if qa:
-            record["answer_acc"] = sum(r.strip() == a.strip() for r, (_, a) in zip(replies, qa)) / len(qa)
+        for key, qa in scored.items():
+            record[key] = sum(r.strip() == a.strip() for r, (_, a) in zip(replies[key], qa)) / max(1, len(qa))
         return record
 
     def save(step, is_best=False):

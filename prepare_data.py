@@ -408,7 +408,8 @@ def demo(out_dir="data/demo", seed=1337, vocab_size=1024, num_proc=None, n_peopl
     token at 4096): facts stop being compositional and a new name (RAG) tokenizes unlike any
     seen in training. At 1024 no token spans a name boundary, and every character is covered."""
     t0 = time.time()
-    corpus = demo_world.write_world(out_dir, seed=seed, n_people=n_people)
+    demo_world.write_world(out_dir, seed=seed, n_people=n_people)
+    corpus = os.path.join(out_dir, "corpus")
     log(f"demo: world written to {out_dir} in {time.time() - t0:.1f}s")
     chats = read_jsonl(os.path.join(out_dir, "sft.jsonl"), "sft", log=lambda *a: None)
     tok = build_tokenizer([corpus], os.path.join(out_dir, "tokenizer.model"), vocab_size=vocab_size, seed=seed,

@@ -2,6 +2,7 @@
 
     python report.py                       # after `bash demo.sh`: writes report.md and report/*.png
     python report.py --out=/tmp/o          # the runs of `OUT=/tmp/o bash demo.sh` (report in /tmp/o)
+    python report.py --check               # exit 1 if a stage missed its goal (CI runs the full demo with it)
     python report.py plot out/a out/b      # loss curves of several runs in one picture (report/compare.png)
 
 Reads each stage's OUT/<stage>/metrics.jsonl (written by common.MetricsLogger), OUT/timings.tsv
@@ -39,7 +40,10 @@ def stage_metric(stage, records):
     """The number that shows the stage worked, as text: before -> after where a before exists."""
     if stage == "pretrain":
         a, b = series(records, "val_bpb")
-        return f"val bits/byte {fmt(a)} -> {fmt(b)}"
+        _, copy = series(records, "copy_probe")
+        onset = next((r["step"] for r in records if r.get("copy_probe", 0) >= 0.5), None)
+        return (f"val bits/byte {fmt(a)} -> {fmt(b)}; copy probe {fmt(copy, True)} (induction heads: copying "
+                + (f"first passes 50% at step {onset})" if onset is not None else "never passes 50%)"))
     if stage == "sft":
         a, b = series(records, "answer_acc")
         return f"dev answer accuracy {fmt(a, True)} (pretrained, same prompts) -> {fmt(b, True)}"
@@ -51,12 +55,34 @@ def stage_metric(stage, records):
         la, _ = series(records, "dev_likelihood_acc")
         _, lb = series(records, "dev_likelihood_acc")
         ans_a, ans_b = series(records, "answer_acc")
-        return (f"preference accuracy (policy prefers chosen) {fmt(la, True)} (SFT) -> {fmt(lb, True)}; "
-                f"implicit-reward accuracy {fmt(b, True)}; answer accuracy {fmt(ans_a, True)} -> {fmt(ans_b, True)}")
+        ref_a, ref_b = series(records, "refusal_acc")
+        return (f"says \"I don't know\" to held-out questions about strangers {fmt(ref_a, True)} (SFT) -> "
+                f"{fmt(ref_b, True)}; answer accuracy {fmt(ans_a, True)} -> {fmt(ans_b, True)}; preference accuracy "
+                f"(policy prefers chosen) {fmt(la, True)} -> {fmt(lb, True)}")
     if stage == "grpo":
         a, b = series(records, "eval_pass@1")
         return f"held-out arithmetic pass@1 {fmt(a, True)} -> {fmt(b, True)}"
     return "-"
+
+
+def goals(metrics, rag):
+    """(goal, measured value, met) for each stage's goal (README, "The demo"); --check fails if one is missed."""
+    def last(stage, key):
+        return series(metrics[stage], key)[1]
+
+    def gain(stage, key):
+        a, b = series(metrics[stage], key)
+        return None if a is None else b - a
+
+    rows = [("pretrain: copy probe >= 90%", last("pretrain", "copy_probe"), 0.90, 1),
+            ("SFT: dev answer accuracy >= 70%", last("sft", "answer_acc"), 0.70, 1),
+            ("RM: held-out pair accuracy >= 90%", last("rm", "dev_accuracy"), 0.90, 1),
+            ("DPO: refusals to held-out strangers, gain >= +5 points", gain("dpo", "refusal_acc"), 0.05, 1),
+            ("GRPO: held-out pass@1, gain >= +10 points", gain("grpo", "eval_pass@1"), 0.10, 1),
+            ("RAG: answer accuracy with the sources in the prompt >= 70%", rag.get("accuracy_with_retrieval"), 0.70, 1),
+            ("RAG: answer accuracy without retrieval <= 10%", rag.get("accuracy_without_retrieval"), 0.10, -1),
+            ("RAG: cites the right source >= 70%", rag.get("cites_right_source"), 0.70, 1)]
+    return [(what, v, v is not None and sign * (v - goal) >= 0) for what, v, goal, sign in rows]
 
 
 def plot(runs, path, title):
@@ -65,15 +91,22 @@ def plot(runs, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
+    probe = None
     for name, records in runs:
-        for key, style in (("loss", "-"), ("val_loss", "o--"), ("dev_loss", "o--")):
+        for key, style in (("loss", "-"), ("val_loss", "o--"), ("dev_loss", "o--"), ("copy_probe", "s-")):
             pts = [(r["step"], r[key]) for r in records if key in r and "step" in r]
-            if pts:
+            if pts and key == "copy_probe":  # a share, on its own axis at the right
+                probe = probe or ax.twinx()
+                probe.plot(*zip(*pts), style, color="tab:red", label=f"{name} {key}", markersize=3)
+                probe.set_ylabel("copy probe (share copied)", color="tab:red")
+                probe.set_ylim(0, 1)
+            elif pts:
                 ax.plot(*zip(*pts), style, label=f"{name} {key}", markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    handles = [h for a in (ax, probe) if a for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -118,18 +151,18 @@ def main():
         rows.append(("rag", times.get("rag"),
                      f"recall@5 {fmt(rag.get('recall@5'), True)}, recall@1 {fmt(rag.get('recall@1'), True)}; "
                      f"answer accuracy without retrieval {fmt(rag.get('accuracy_without_retrieval'), True)}, "
-                     f"with {fmt(rag.get('accuracy_with_retrieval'), True)}"
-                     + (f" (sources in the prompt and their kNN vote; in the prompt alone "
-                        f"{fmt(rag['accuracy_sources_in_prompt_only'], True)})"
-                        if "accuracy_sources_in_prompt_only" in rag else "")
-                     + (f"; the model copies {fmt(rag['copy_probe'], True)} of a repeated random sequence "
-                        "(rag.copy_probe)" if "copy_probe" in rag else "")))
+                     f"with the sources in the prompt {fmt(rag.get('accuracy_with_retrieval'), True)}; "
+                     f"cites the right source {fmt(rag.get('cites_right_source'), True)}"))
+    checks = goals({stage: read_metrics(os.path.join(out, stage)) for stage in STAGES}, rag)
     lines = ["# AstrAI-nano demo report", "",
              "| stage | wall time | the metric that shows it worked |", "|---|---|---|"]
     for stage, secs, metric in rows:
         lines.append(f"| {stage} | {'-' if secs is None else f'{secs:.0f} s'} | {metric} |")
     if "total" in times:
         lines.append(f"| **total** | {times['total']:.0f} s | |")
+    lines += ["", "| goal (held-out data) | measured | met |", "|---|---|---|"]
+    lines += [f"| {what} | {fmt(value, True) if 'gain' not in what or value is None else f'{100 * value:+.1f} points'} "
+              f"| {'yes' if ok else '**no**'} |" for what, value, ok in checks]
     lines.append("")
     lines += pictures if plots else ["Loss-curve plots need matplotlib: `pip install matplotlib && python report.py`."]
     text = "\n".join(lines) + "\n"
@@ -138,6 +171,8 @@ def main():
         f.write(text)
     os.replace(path + ".tmp", path)
     print(text)
+    if "--check" in sys.argv and not all(ok for _, _, ok in checks):
+        sys.exit("report.py --check: goals missed: " + ", ".join(what for what, _, ok in checks if not ok))
 
 
 if __name__ == "__main__":

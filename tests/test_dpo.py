@@ -172,14 +172,16 @@ def test_trains_under_two_process_torchrun(tok, tmp_path):
     rows.append({"prompt": "Hi", "chosen": "Kami. " * 40, "rejected": "No."})          # too long: skipped
     chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
              for r in rows[32:36]]
-    for name, part in (("pairs.jsonl", rows[:32] + rows[-2:]), ("dev.jsonl", rows[32:40]), ("chats.jsonl", chats)):
+    refuse = [{"messages": [{"role": "user", "content": "Who is Zuzu?"}, {"role": "assistant", "content": "I don't know."}]}]
+    for name, part in (("pairs.jsonl", rows[:32] + rows[-2:]), ("dev.jsonl", rows[32:40]), ("chats.jsonl", chats),
+                       ("refuse.jsonl", refuse)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     out = tmp_path / "dpo"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "dpo.py"), f"--init_from={init}", f"--out_dir={out}", f"--data={tmp_path / 'pairs.jsonl'}",
-           f"--dev_data={tmp_path / 'dev.jsonl'}", f"--answer_data={tmp_path / 'chats.jsonl'}", "--device=cpu",
-           "--dtype=float32", "--batch_size=3", "--max_steps=6", "--eval_interval=3", "--log_interval=1",
-           "--lr=3e-3", "--warmup_steps=1", "--answer_tokens=8", "--rpo_alpha=0", "--self_play=2"]
+           f"--dev_data={tmp_path / 'dev.jsonl'}", f"--answer_data={tmp_path / 'chats.jsonl'}",
+           f"--refusal_data={tmp_path / 'refuse.jsonl'}", "--device=cpu", "--dtype=float32", "--batch_size=3",
+           "--max_steps=6", "--eval_interval=3", "--log_interval=1", "--lr=3e-3", "--warmup_steps=1", "--answer_tokens=8", "--rpo_alpha=0", "--self_play=2"]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # self-play: the two ranks sample for half of the 33 distinct prompts each and gather into one list
@@ -195,7 +197,7 @@ def test_trains_under_two_process_torchrun(tok, tmp_path):
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert evals[0]["dev_loss"] == pytest.approx(math.log(2), abs=1e-6)        # policy == reference at step 0
     assert evals[0]["dev_rewards/accuracies"] == 0 and evals[0]["dev_rewards/margins"] == 0
-    assert evals[-1]["dev_rewards/margins"] > 0 and "answer_acc" in evals[-1]
+    assert evals[-1]["dev_rewards/margins"] > 0 and "answer_acc" in evals[-1] and "refusal_acc" in evals[-1]
     train = [r for r in recs if "loss" in r]
     assert len(train) == 6 and all(k in train[0] for k in ("rewards/chosen", "rewards/rejected",
                                                            "rewards/accuracies", "rewards/margins"))
@@ -214,7 +216,7 @@ def test_resume_with_self_play_continues_exactly(tok, tmp_path):
             for a in range(6) for b in range(3)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = [sys.executable, os.path.join(ROOT, "dpo.py"), f"--data={tmp_path / 'pairs.jsonl'}",
-              f"--dev_data={tmp_path / 'pairs.jsonl'}", "--answer_data=", "--device=cpu", "--dtype=float32",
+              f"--dev_data={tmp_path / 'pairs.jsonl'}", "--answer_data=", "--refusal_data=", "--device=cpu", "--dtype=float32",
               "--batch_size=4", "--eval_interval=100", "--lr=3e-3", "--warmup_steps=0", "--lr_schedule=constant",
               "--self_play=1", "--answer_tokens=8"]
 

@@ -346,17 +346,18 @@ def world_files(d):
 
 def test_demo_world_deterministic_and_sound(tmp_path):
     small = dict(n_people=24, n_towns=5, n_rag=6)
-    demo_world.write_world(str(tmp_path / "a"), seed=7, **small)
-    demo_world.write_world(str(tmp_path / "b"), seed=7, **small)
-    demo_world.write_world(str(tmp_path / "c"), seed=8, **small)
+    w = demo_world.write_world(str(tmp_path / "a"), seed=7, n_strangers=20, **small)
+    demo_world.write_world(str(tmp_path / "b"), seed=7, n_strangers=20, **small)
+    demo_world.write_world(str(tmp_path / "c"), seed=8, n_strangers=20, **small)
     a = world_files(tmp_path / "a")
     assert a == world_files(tmp_path / "b") and a != world_files(tmp_path / "c")
     assert {"corpus/people.txt", "sft.jsonl", "sft_dev.jsonl", "pairs.jsonl", "pairs_dev.jsonl", "grpo.jsonl",
-            "grpo_dev.jsonl", "rag/qa.jsonl", "rag/qa_dev.jsonl"} <= set(a)
+            "grpo_dev.jsonl", "rag/qa.jsonl", "rag/qa_dev.jsonl", "refuse_dev.jsonl"} <= set(a)
     quiet = lambda *x: None  # noqa: E731
     data = {k: read_jsonl(str(tmp_path / "a" / k), kind, log=quiet, strict=True) for k, kind in [
         ("sft.jsonl", "sft"), ("sft_dev.jsonl", "sft"), ("pairs.jsonl", "pairs"), ("pairs_dev.jsonl", "pairs"),
-        ("grpo.jsonl", "prompts"), ("grpo_dev.jsonl", "prompts"), ("rag/qa.jsonl", "qa"), ("rag/qa_dev.jsonl", "qa")]}
+        ("grpo.jsonl", "prompts"), ("grpo_dev.jsonl", "prompts"), ("rag/qa.jsonl", "qa"), ("rag/qa_dev.jsonl", "qa"),
+        ("refuse_dev.jsonl", "sft")]}
     for name in ("sft", "pairs", "grpo", "rag/qa"):  # disjoint splits, both non-empty
         train, dev = ({json.dumps(r, sort_keys=True) for r in data[f"{name}{s}.jsonl"]} for s in ("", "_dev"))
         assert train and dev and not train & dev, name
@@ -372,7 +373,6 @@ def test_demo_world_deterministic_and_sound(tmp_path):
                             demo_world.DONT_KNOW for r in grounded)
     assert all(r["answer"].isdigit() for r in data["grpo.jsonl"] + data["grpo_dev.jsonl"])
     # RAG people appear in exactly one fact sheet and nowhere in the pretraining or stage data
-    w = demo_world.World(7, **small)
     seen_text = "".join(v.decode() for k, v in a.items() if not k.startswith("rag/"))
     sheets = {k: v.decode() for k, v in a.items() if k.startswith("rag/docs/")}
     for p in w.rag_people:
@@ -381,6 +381,15 @@ def test_demo_world_deterministic_and_sound(tmp_path):
             assert sum(p[lang]["n"] in t for t in sheets.values()) == 1
     for q in data["rag/qa.jsonl"] + data["rag/qa_dev.jsonl"]:
         assert q["answer"] in sheets["rag/" + q["doc"]]
+    # strangers are asked about only in preference pairs ("I don't know." chosen) and refuse_dev.jsonl;
+    # a dev stranger is in no train file, a train one in no dev file
+    train_text = "".join(v.decode() for k, v in a.items() if not k.startswith("rag/") and "_dev" not in k)
+    refuse = json.dumps(data["refuse_dev.jsonl"], ensure_ascii=False)
+    assert all(r["messages"][-1]["content"] in demo_world.DONT_KNOW for r in data["refuse_dev.jsonl"])
+    for p in w.strangers:
+        for lang in ("en", "zh"):
+            assert (p[lang]["n"] in refuse) != (p[lang]["n"] in train_text), p[lang]["n"]
+            assert p[lang]["n"] not in a["corpus/people.txt"].decode() + a["sft.jsonl"].decode()
     # the facts of the corpus agree with the chats
     person = w.people[0]
     assert demo_world.fact(person, "town", "zh") in a["corpus/people.txt"].decode()
