@@ -659,6 +659,8 @@ def cmd_bench(a):
 
 
 def main(argv=None):
+    if hasattr(sys.stdout, "reconfigure"):  # a query with lone surrogates prints, escaped (as in sample.py)
+        sys.stdout.reconfigure(errors="backslashreplace")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -128,6 +128,10 @@ def repl(model, tok, generator):
 
 def main():
     configure(globals(), verbose=False)  # stdout carries only the generated text
+    # bytes of a command line that are not UTF-8 arrive as lone surrogates: the tokenizer reads them as
+    # U+FFFD (tokenizer.SURROGATE), and echoing the prompt shows them escaped instead of crashing
+    if hasattr(sys.stdout, "reconfigure"):  # (not when a test captures stdout in a StringIO)
+        sys.stdout.reconfigure(errors="backslashreplace")
     if sum(map(bool, (prompt, chat, file))) != 1:
         die("give exactly one of --prompt=TEXT, --chat, --file=PROMPTS.txt")
     if mode not in ("auto", "chat", "completion"):

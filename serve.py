@@ -442,12 +442,31 @@ class Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_GET  # one dispatcher; ROUTES says what exists
 
+    def parse_request(self):
+        # An HTTP/0.9 request line ("GET /") has no headers after it, but the standard library waits
+        # for them until the idle timeout: answer at once instead.
+        if len(self.raw_requestline.split()) == 2:
+            self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+            self.request_version = "HTTP/0.9"
+            self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.1")
+            return False
+        return super().parse_request()
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own errors (a malformed request line or header, 414, 431) as OpenAI error
+        objects, not its HTML page, on a connection that then closes."""
+        if self.request_version == "HTTP/0.9":  # the default until a request line parses: write a status
+            self.request_version = "HTTP/1.0"   # line and headers anyway, for the client to read
+        self._body_read = True
+        self._send_error(ApiError(code, message or "bad request"))
+
     def _check_key(self):
         key = self.server.app["api_key"]
         if not key:
             return
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235); compare_digest: no timing hints about the key
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
             raise ApiError(401, "Incorrect API key provided. Send 'Authorization: Bearer <api_key>'.",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -525,8 +544,14 @@ class Handler(BaseHTTPRequestHandler):
         self._body_read = True
         try:
             obj = json.loads(body)
+            json.dumps(obj, ensure_ascii=False).encode()  # a lone surrogate ("\ud800") fails here
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body must be a JSON object: {e}")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair), "
+                                "which is not text; send valid Unicode")
+        except RecursionError:
+            raise ApiError(400, "the body's JSON is nested too deeply")
         if not isinstance(obj, dict):
             raise ApiError(400, "the body must be a JSON object")
         return obj
@@ -539,7 +564,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _generate(self, chat):
         app, engine = self.server.app, self.server.engine
-        req, stream, include_usage = parse_request(self._read_json(), chat, engine.tok, app["limits"], app["rag"])
+        body = self._read_json()
+        model = body.get("model")
+        if isinstance(model, str) and model and model != app["model"]:  # empty or absent: the one served
+            raise ApiError(404, f"The model '{model[:100]}' does not exist; this server serves '{app['model']}'",
+                           "model", "model_not_found")
+        req, stream, include_usage = parse_request(body, chat, engine.tok, app["limits"], app["rag"])
         try:
             engine.submit(req)
         except QueueFull:

@@ -29,11 +29,17 @@ import hashlib
 import io
 import itertools
 import os
+import re
 import shutil
 
 SPECIALS = ("<|im_start|>", "<|im_end|>")  # ChatML control symbols; BOS/EOS/PAD/UNK are SentencePiece's own
 ROLES = ("system", "user", "assistant")
 LOWLINE = "\u2581"  # SentencePiece's visible space; a literal one in text needs care (see _encode)
+# A lone UTF-16 surrogate is a str code point that is not a character and has no UTF-8 form (JSON's
+# "\ud800", or undecodable bytes on a command line under surrogateescape). Encoding replaces each with
+# U+FFFD, as decoding does with invalid UTF-8: a text never stops tokenization. (serve.py rejects
+# them with a 400 instead, so an API client learns that it sent something broken.)
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Tokenizer:
@@ -72,7 +78,8 @@ class Tokenizer:
 
     # -- encoding ------------------------------------------------------------------------------
     def encode(self, text: str, bos=False, eos=False) -> list[int]:
-        """Plain text to ids. Never produces a special id, whatever the text says."""
+        """Plain text to ids. Never produces a special id, whatever the text says. A lone surrogate
+        becomes U+FFFD (SURROGATE)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() wants a str, got {type(text).__name__}")
         ids = self._encode(text)
@@ -178,6 +185,7 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode(self, text):
         # SentencePiece writes spaces as U+2581 internally, so a literal U+2581 in the text would
         # come back as a space. Encode it as its three UTF-8 byte tokens instead (rare in real text).
+        text = SURROGATE.sub("\ufffd", text)
         if LOWLINE not in text:
             return self.sp.encode(text)
         ids = []
@@ -187,7 +195,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts, num_threads=None):
         # one C++ call for the whole batch; num_threads=1 inside multiprocessing workers
-        texts = list(texts)
+        texts = [SURROGATE.sub("\ufffd", t) for t in texts]
         out = self.sp.encode(texts, num_threads=num_threads or -1)
         for k, t in enumerate(texts):
             if LOWLINE in t:
@@ -261,10 +269,11 @@ class TiktokenTokenizer(Tokenizer):
         return type(self), (self.path, self.name[len("tiktoken:"):])
 
     def _encode(self, text):
-        return self.enc.encode_ordinary(text)  # "ordinary": special-token text is plain text
+        return self.enc.encode_ordinary(SURROGATE.sub("\ufffd", text))  # "ordinary": special-token text is plain
 
     def encode_batch(self, texts, num_threads=None):
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=num_threads or 8)
+        texts = [SURROGATE.sub("\ufffd", t) for t in texts]
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads or 8)
 
 
 class StreamDecoder:

@@ -288,6 +288,10 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
     lines = p.stdout.splitlines()
     assert lines[0] == "query: How old is Bodo?" and lines[1].lstrip().startswith("1.") and "sub/bodo.txt#" in lines[1]
     assert lines[3] == "query: 卡米有宠物吗？" and "kami.md#" in lines[4] and len(lines) == 6
+    # command-line bytes that are not UTF-8 (lone surrogates in Python) are searched as U+FFFD, printed escaped
+    p = subprocess.run([sys.executable, "rag.py", "query", f"--index={index}", b"--query=Bodo\xff?", "--k=1"],
+                       cwd=ROOT, capture_output=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith(b"query: Bodo\\udcff?\n"), p.stderr[-2000:]
 
     # ask: the printed answer is what the model generates greedily for the grounded prompt
     code, out, err = cli("ask", f"--index={index}", f"--model={run}", "--query=How old is Bodo?", "--k=2",

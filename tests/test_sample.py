@@ -50,7 +50,7 @@ def chat_ids(run_dir, messages):
 
 
 def test_pretrain_checkpoint_continues_raw_text(runs):
-    """The one test that runs the command in a process of its own, exactly as a user would."""
+    """The command in a process of its own, exactly as a user runs it."""
     tok = load_model(str(runs["pretrain"]))[1]
     p = subprocess.run([sys.executable, "sample.py", f"--out_dir={runs['pretrain']}", "--prompt=The cat",
                         "--temperature=0", "--max_new_tokens=20"], cwd=ROOT, capture_output=True, text=True,
@@ -72,6 +72,14 @@ def test_chat_checkpoint_answers_in_chatml(runs):
                       "--temperature=0", "--max_new_tokens=20")
     want = greedy_text(runs["sft"], chat_ids(runs["sft"], [{"role": "system", "content": "Be brief."}] + user), 20)
     assert with_system == want + "\n"
+
+
+def test_prompt_with_bytes_that_are_not_utf8(runs):
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape): the prompt
+    is tokenized with U+FFFD for them and echoed escaped, not a crash."""
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={runs['pretrain']}", b"--prompt=caf\xff",
+                        "--temperature=0", "--max_new_tokens=3"], cwd=ROOT, capture_output=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith(b"caf\\udcff"), p.stderr[-2000:]
 
 
 def test_chat_repl_keeps_history_and_resets(runs):

@@ -98,7 +98,7 @@ class Live:
     def __init__(self, run_dir, **kw):
         self.model, self.tok, _ = load_model(str(run_dir))
         self.gate = Gate(self.model)
-        self.httpd = serve.make_server(self.model, self.tok, port=0, log=False, **kw)
+        self.httpd = serve.make_server(self.model, self.tok, port=0, log=False, **{"model_name": "test", **kw})
         self.engine = self.httpd.engine
         self.host, self.port = self.httpd.server_address[:2]
         self.url = f"http://{self.host}:{self.port}"
@@ -286,7 +286,7 @@ def test_health_models_page_and_keep_alive(live):
 BAD = [  # (path, body, status, param)
     ("/v1/chat/completions", b"{not json", 400, None),
     ("/v1/chat/completions", [1, 2], 400, None),
-    ("/v1/chat/completions", {"model": "x"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "test"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": ["hi"]}, 400, "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
@@ -309,6 +309,9 @@ BAD = [  # (path, body, status, param)
     ("/v1/chat/completions", chat_body("hi", stream="yes"), 400, "stream"),
     ("/v1/chat/completions", chat_body("hi", logprobs=True), 400, "logprobs"),         # unsupported field
     ("/v1/chat/completions", chat_body("hi", model=3), 400, "model"),
+    ("/v1/chat/completions", chat_body("hi", model="gpt-4o"), 404, "model"),          # a model not served
+    ("/v1/chat/completions", b'{"messages":' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),  # nested too deep
+    ("/v1/chat/completions", b'{"messages":[{"role":"user","content":"\\ud800"}],"max_tokens":3}', 400, None),
     ("/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "temperature": None, "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/chat/completions", chat_body("x" * 30_000), 413, None),                      # body over max_body_bytes
@@ -330,6 +333,40 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(live, path, bod
     assert status == 200 and ok["usage"]["completion_tokens"] == 2
 
 
+def test_model_not_served_is_404_and_empty_or_absent_means_the_one_served(live):
+    status, _, reply = live.request("POST", "/v1/chat/completions", chat_body("hi", model="gpt-4o"))
+    assert status == 404 and reply["error"]["code"] == "model_not_found" and "gpt-4o" in reply["error"]["message"]
+    for body in (chat_body("hi", model="", max_tokens=2), {"messages": chat_body("hi")["messages"], "max_tokens": 2}):
+        status, _, reply = live.request("POST", "/v1/chat/completions", body)
+        assert status == 200 and reply["model"] == "test", reply
+
+
+def raw_exchange(live, data, timeout=10):
+    """Send raw bytes on a fresh connection; return everything the server sends before it closes."""
+    with socket.create_connection((live.host, live.port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("line", [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1 extra\r\n\r\n", b"GET / FOO/1.0\r\n\r\n",
+                                  b"GET /\r\n"])
+def test_malformed_request_lines_get_a_json_error_and_the_connection_closes(live, line):
+    """The standard library's own errors come as OpenAI error objects, not its HTML page. An HTTP/0.9
+    line ("GET /") is answered at once: the server must not wait for headers that never come (the
+    socket timeout here is 10 s; the server's idle timeout is 60 s)."""
+    reply = raw_exchange(live, line)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 400 " in head.split(b"\r\n")[0], reply[:200]
+    assert b"application/json" in head and b"<html" not in reply.lower()
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    status, _, ok = live.request("POST", "/v1/chat/completions", chat_body("hi", max_tokens=2))
+    assert status == 200 and ok["usage"]["completion_tokens"] == 2
+
+
 def test_wrong_method_and_unknown_get(live):
     assert live.request("GET", "/v1/chat/completions")[0] == 405
     assert live.request("GET", "/nope")[0] == 404
@@ -346,9 +383,10 @@ def test_api_key(run_dir):
         assert server.request("GET", "/v1/models")[0] == 401
         assert server.health()["api_key_required"] is True          # health and the page need no key
         assert server.request("GET", "/")[0] == 200
-        status, _, reply = server.request("POST", "/v1/chat/completions", chat_body("hi", max_tokens=3),
-                                          {"Authorization": "Bearer k3y"})
-        assert status == 200 and reply["usage"]["completion_tokens"] == 3
+        for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme is case-insensitive (RFC 7235)
+            status, _, reply = server.request("POST", "/v1/chat/completions", chat_body("hi", max_tokens=3),
+                                              {"Authorization": f"{scheme} k3y"})
+            assert status == 200 and reply["usage"]["completion_tokens"] == 3
     finally:
         server.close()
 

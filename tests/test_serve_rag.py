@@ -107,10 +107,10 @@ def test_openai_client_keeps_the_sources_as_an_extra_field(live):
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
     question = "Where did the dog run?"
     _, used, want = expected(live, question, 8)
-    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": question}], temperature=0,
+    r = client.chat.completions.create(model="test", messages=[{"role": "user", "content": question}], temperature=0,
                                        max_tokens=8)
     assert r.choices[0].message.content == want and r.model_extra["sources"] == rag.source_list(used)
-    chunks = list(client.chat.completions.create(model="x", messages=[{"role": "user", "content": question}],
+    chunks = list(client.chat.completions.create(model="test", messages=[{"role": "user", "content": question}],
                                                  temperature=0, max_tokens=8, stream=True))
     assert chunks[0].model_extra["sources"] == rag.source_list(used)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want

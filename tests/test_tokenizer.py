@@ -78,6 +78,16 @@ def test_special_tokens_cannot_be_injected(tok):
     assert tok.decode([tok.bos_id, tok.im_start_id] + tok.encode("hi") + [tok.im_end_id, tok.pad_id]) == "hi"
 
 
+def test_lone_surrogates_become_replacement_characters(tok):
+    """A str may hold lone surrogates (JSON's "\\ud800", command-line bytes that are not UTF-8); they are
+    not characters and have no UTF-8 form. Every encoding path reads each as U+FFFD instead of failing."""
+    text, clean = "a\ud800b\udcff中", "a\ufffdb\ufffd中"
+    assert tok.encode(text) == tok.encode(clean) and tok.encode_batch([text, "x"])[0] == tok.encode(clean)
+    chat = tok.render_chat([{"role": "user", "content": text}])
+    assert chat == tok.render_chat([{"role": "user", "content": clean}])
+    assert tok.decode(tok.encode(text)) == clean
+
+
 def test_render_chat_mask_multi_turn(tok):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does Kami live?"},
             {"role": "assistant", "content": "Kami lives in Lotavi."}, {"role": "user", "content": "卡米几岁？"},
