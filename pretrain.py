@@ -6,8 +6,9 @@
         pretrain.py config/1b.py                                            # two nodes (node_rank 1 on the other)
 
 It minimizes the mean cross-entropy of each next token, L = -1/N sum_t log p(x_{t+1} | x_{<=t}),
-over random windows of max_seq_len + 1 tokens from data_dir/train.bin. Every eval_interval steps
-it reports the validation loss and bits per byte, prints a few samples and saves a checkpoint.
+over random windows of max_seq_len + 1 tokens from data_dir/train.bin (some rows replaced by copy
+drills, if asked: copy_drills). Every eval_interval steps it reports the validation loss, bits per
+byte and the copy probe (common.copy_probe), prints a few samples and saves a checkpoint.
 Reads data_dir/{train.bin, val.bin, meta.json, tokenizer}; writes out_dir/{ckpt.pt, ckpt_best.pt,
 tokenizer.model, config.json, metrics.jsonl}. SIGTERM or Ctrl-C saves and exits; rerun with
 --init_from=resume (or init_from='auto') and it continues exactly where it stopped.
@@ -175,9 +176,9 @@ def batch(data, key, micro_step=0, accum=1):
 
 def copy_drills(x, y, key, micro_step):
     """Replace some rows by copy drills: BOS, then random spans of 8-48 ordinary tokens (at most a quarter
-    of the window), each written twice, with loss only on the second copies (the first is noise). Copying from the context is
-    the skill every later stage leans on (SFT reads the question, RAG reads its sources), and it comes
-    from induction heads, which form fast on repeated sequences (Olsson et al. 2022; Bietti et al. 2023,
+    of the window), each written twice, with loss only on the second copies (the first is noise).
+    Copying from the context is the skill every later stage leans on (SFT reads the question, RAG reads
+    its sources), and it comes from induction heads, which form fast on repeated sequences (Olsson et al. 2022; Bietti et al. 2023,
     "Birth of a Transformer"). Mixed into the corpus from the start they form slowly (the corpus rarely
     rewards them), and drills from step 0 leave less time for the facts: so the demo learns from the
     corpus first, then drills alone for a while (copy probe ~0 -> ~90%), then mostly corpus again while
