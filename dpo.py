@@ -33,7 +33,8 @@ pairs. Also on the dev pairs: likelihood_acc, how often the policy alone prefers
 (lp_c > lp_r; at step 0 that is the SFT model's preference accuracy, the baseline); answer_acc,
 greedy replies to answer_data's chats matched exactly, to see that preference training does not hurt
 answering; and refusal_acc, the same on refusal_data (the demo: "I don't know." to questions about
-strangers held out of the pairs, the behaviour the demo's pairs teach). Identical and over-long pairs are counted and skipped.
+strangers held out of the pairs, the behaviour the demo's pairs teach). Identical and over-long pairs
+are counted and skipped.
 Reads init_from/{ckpt.pt, tokenizer.model}, data, dev_data, answer_data; writes out_dir/{ckpt.pt,
 ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl, self_play.jsonl}. SIGTERM or Ctrl-C saves
 and exits; --init_from=resume continues exactly where it stopped, against the same reference.
@@ -192,8 +193,8 @@ def main():
 
     try:
         train_pairs, dev_pairs = read_jsonl(data, "pairs", log=print0), read_jsonl(dev_data, "pairs", log=print0)
-        scored = {key: read_jsonl(path, "sft", log=print0) for key, path in
-                  (("answer_acc", answer_data), ("refusal_acc", refusal_data)) if path}
+        chats = {key: read_jsonl(path, "sft", log=print0) for key, path in
+                 (("answer_acc", answer_data), ("refusal_acc", refusal_data)) if path}
     except DataError as e:
         die(str(e))
     if self_play:
@@ -220,8 +221,8 @@ def main():
            f"(identical pairs are counted in the 'lines skipped' above)")
     if not train or not dev:
         die("no usable pairs left; raise max_seq_len or check the data")
-    scored = {key: [(c["messages"][:-1], c["messages"][-1]["content"]) for c in chats
-                    if c["messages"][-1]["role"] == "assistant"][:eval_answers or None] for key, chats in scored.items()}
+    scored = {key: [(c["messages"][:-1], c["messages"][-1]["content"]) for c in cs
+                    if c["messages"][-1]["role"] == "assistant"][:eval_answers or None] for key, cs in chats.items()}
 
     model = wrap_model(model, ctx, parallel, compile)
     optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)

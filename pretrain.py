@@ -178,11 +178,11 @@ def copy_drills(x, y, key, micro_step):
     """Replace some rows by copy drills: BOS, then random spans of 8-48 ordinary tokens (at most a quarter
     of the window), each written twice, with loss only on the second copies (the first is noise).
     Copying from the context is the skill every later stage leans on (SFT reads the question, RAG reads
-    its sources), and it comes from induction heads, which form fast on repeated sequences (Olsson et al. 2022; Bietti et al. 2023,
-    "Birth of a Transformer"). Mixed into the corpus from the start they form slowly (the corpus rarely
-    rewards them), and drills from step 0 leave less time for the facts: so the demo learns from the
-    corpus first, then drills alone for a while (copy probe ~0 -> ~90%), then mostly corpus again while
-    the learning rate decays, a few drills keeping the skill."""
+    its sources), and it comes from induction heads, which form fast on repeated sequences (Olsson et al.
+    2022; Bietti et al. 2023, "Birth of a Transformer"). Mixed into the corpus from the start they form
+    slowly (the corpus rarely rewards them), and drills from step 0 leave less time for the facts: so the
+    demo learns from the corpus first, then drills alone for a while (copy probe ~0 -> ~90%), then mostly
+    corpus again while the learning rate decays, a few drills keeping the skill."""
     step = key[-1]
     frac = 1.0 if copy_start <= step < copy_end else copy_frac if step >= copy_end else 0.0
     # seeded like get_batch's rows: one process with grad_accum n draws what n processes draw

@@ -2,7 +2,7 @@
 
     python report.py                       # after `bash demo.sh`: writes report.md and report/*.png
     python report.py --out=/tmp/o          # the runs of `OUT=/tmp/o bash demo.sh` (report in /tmp/o)
-    python report.py --check               # exit 1 if a stage missed its goal (CI runs the full demo with it)
+    python report.py --check               # exit 1 if a stage missed its goal
     python report.py plot out/a out/b      # loss curves of several runs in one picture (report/compare.png)
 
 Reads each stage's OUT/<stage>/metrics.jsonl (written by common.MetricsLogger), OUT/timings.tsv

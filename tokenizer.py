@@ -42,6 +42,10 @@ LOWLINE = "\u2581"  # SentencePiece's visible space; a literal one in text needs
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def without_surrogates(text):
+    return SURROGATE.sub("\ufffd", text)
+
+
 class Tokenizer:
     """Common part of both backends. Subclasses set the ids, `_bytes` and implement `_encode`."""
 
@@ -185,7 +189,7 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode(self, text):
         # SentencePiece writes spaces as U+2581 internally, so a literal U+2581 in the text would
         # come back as a space. Encode it as its three UTF-8 byte tokens instead (rare in real text).
-        text = SURROGATE.sub("\ufffd", text)
+        text = without_surrogates(text)
         if LOWLINE not in text:
             return self.sp.encode(text)
         ids = []
@@ -195,7 +199,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts, num_threads=None):
         # one C++ call for the whole batch; num_threads=1 inside multiprocessing workers
-        texts = [SURROGATE.sub("\ufffd", t) for t in texts]
+        texts = [without_surrogates(t) for t in texts]
         out = self.sp.encode(texts, num_threads=num_threads or -1)
         for k, t in enumerate(texts):
             if LOWLINE in t:
@@ -269,10 +273,10 @@ class TiktokenTokenizer(Tokenizer):
         return type(self), (self.path, self.name[len("tiktoken:"):])
 
     def _encode(self, text):
-        return self.enc.encode_ordinary(SURROGATE.sub("\ufffd", text))  # "ordinary": special-token text is plain
+        return self.enc.encode_ordinary(without_surrogates(text))  # "ordinary": special-token text is plain
 
     def encode_batch(self, texts, num_threads=None):
-        texts = [SURROGATE.sub("\ufffd", t) for t in texts]
+        texts = [without_surrogates(t) for t in texts]
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads or 8)
 
 
