@@ -2,27 +2,13 @@
 
     python prepare_data.py demo --out_dir=data/demo     # writes this world, trains its tokenizer, tokenizes it
 
-A few hundred entities - people, their pets and their towns - with fixed facts (home town, age,
-job, favourite colour and food, pet), plus small arithmetic. Every fact is stated many times,
-in varied phrasings, in English and in Chinese, so a model of a few million parameters can learn
-it on a laptop CPU in minutes, and every later stage has something measurable to do:
-
-    corpus/*.txt      pretraining text (documents separated by blank lines)
-    sft.jsonl         chats: questions about the world, arithmetic, translation, some multi-turn,
-                      and answering from numbered sources with a citation (as rag.py asks)
-    pairs.jsonl       questions about facts taught in sft.jsonl, the true answer (chosen) and a wrong,
-                      evasive or off-topic one (rejected); and questions about strangers (people who
-                      appear nowhere else), "I don't know." (chosen) over a made-up answer (rejected)
-    refuse_dev.jsonl  chats asking about dev strangers, answered "I don't know." (what DPO should learn)
-    grpo.jsonl        arithmetic word problems with the numeric answer
-    rag/docs/         fact sheets about people who appear nowhere else, and rag/qa.jsonl about them
-    *_dev.jsonl       held-out examples of each (for sft and grpo a dev example's fact or numbers
-                      never appear in the train file; a dev pair is a (question, rejected answer)
-                      not in pairs.jsonl; the facts themselves are all in the corpus)
-
-Names are made of syllables that each have one Chinese character (ka = 卡, mi = 米: Kami = 卡米),
-so translating a name is learnable too. Answers use one fixed template (the first one below), so
-a stage can score a reply by exact match; qa/grpo answers are short values for contains-match.
+People, their pets and towns with fixed facts (town, age, job, favourite colour and food, pet) and small
+arithmetic, each stated many times in varied English and Chinese phrasings, so a model of a few million
+parameters learns them on a laptop CPU in minutes. It writes corpus/*.txt (pretraining text), sft, pairs
+(with questions about strangers who appear nowhere else), grpo and rag/ files, each with a held-out *_dev
+split, and refuse_dev.jsonl; docs/data.md describes each file and how the splits are made. Names are made
+of syllables with one Chinese character each (ka = 卡, mi = 米: Kami = 卡米), so names translate too. Chat
+answers use the first template of each list, so a stage can score a reply by exact match.
 """
 import json
 import os
@@ -123,17 +109,18 @@ class World:
         r = self.rng
         (en, zh), (pet_en, pet_zh), town = self.name(2), self.name(2), r.choice(self.towns)
         job, colour, food, animal = r.choice(JOBS), r.choice(COLOURS), r.choice(FOODS), r.choice(ANIMALS)
-        age, article = r.randint(18, 80), "an " if job[0][0] in "aeiou" else "a "
+        age = r.randint(18, 80)
         return {  # the format fields of FACTS/QUESTIONS, per language
-            "en": dict(n=en, town=town["en"], age=age, job=job[0], a_job=article + job[0],
-                       colour=colour[0], food=food[0], pet=animal[0], pet_name=pet_en),
+            "en": dict(n=en, town=town["en"], age=age, job=job[0], colour=colour[0], food=food[0],
+                       pet=animal[0], pet_name=pet_en),
             "zh": dict(n=zh, town=town["zh"], age=age, job=job[1], colour=colour[1], food=food[1],
                        pet=animal[1], m=animal[2], pet_name=pet_zh)}
 
 
 def fact(p, attr, lang, k=0, **override):
-    """Sentence k about attribute attr of person p in lang ("en"/"zh")."""
-    return FACTS[attr][k][lang == "zh"].format(**{**p[lang], **override})
+    """Sentence k about attribute attr of person p in lang ("en"/"zh"); fact(o, .., n=name) gives o's value."""
+    f = {**p[lang], **override}
+    return FACTS[attr][k][lang == "zh"].format(a_job=("an " if f["job"][0] in "aeiou" else "a ") + f["job"], **f)
 
 
 def question(p, attr, lang, k=0):
@@ -141,10 +128,8 @@ def question(p, attr, lang, k=0):
 
 
 def arith(rng):
-    """A random small problem (op, a, b, c): + and - of numbers 0..10, x from the 1..9 tables; c >= 0.
-    Small on purpose: a model of a few million parameters learns these few hundred facts from the
-    corpus in minutes (it does not learn carrying), so GRPO starts from a policy that is sometimes
-    right and has something to reinforce."""
+    """A random small problem (op, a, b, c): + and - of 0..10, x from the 1..9 tables; c >= 0. Small on purpose:
+    a tiny model learns these few hundred facts (not carrying), so GRPO starts from a sometimes-right policy."""
     op = rng.choice("++--×")
     if op == "×":
         a, b = rng.randint(1, 9), rng.randint(1, 9)
@@ -258,28 +243,21 @@ def chats(w, dev_frac=0.1):
                 out["sft"][dev].append(chat(r, [(q, ans)], lang))
                 if dev:
                     continue
-                # Preference pairs only about facts the SFT model was taught: a reward model (or DPO)
-                # starting from it can then tell a true answer from a false one, which is what the
-                # stage is about; judging facts it never learned would test memory, not preference.
-                # Four rejected answers per fact (two of other people's values, "I don't know", a true
-                # fact that was not asked for); each pair goes to train or dev on its own, so a dev pair is
-                # a new (prompt, rejected) combination: has the model learned which answer is right, or
-                # only which answers it has seen lose?
-                # Then EXTRA_WRONG more of them, train only and from their own generator (the rest of the
-                # world does not move): like InstructGPT's K ranked replies per prompt, several negatives
-                # per fact show that only one value is right, where two show only which replies lose.
+                # Pairs only about facts SFT taught (else they test memory, not preference). Four rejected
+                # answers (two other people's values, "I don't know", a true fact not asked for), each to
+                # train or dev on its own: a dev pair is a new (prompt, rejected) combination. Then EXTRA_WRONG
+                # more, train only, from their own generator (the world does not move): like InstructGPT's
+                # K ranked replies per prompt, several negatives show that only one value is right.
                 more = random.Random(f"{p['en']['n']}/{a}/{lang}")
                 pool = sorted({o[lang][a] for o in w.people} - {p[lang][a]})
                 others = r.sample(pool, 2)
                 others += more.sample([v for v in pool if v not in others], min(EXTRA_WRONG, len(pool) - 2))
-                wrong = [fact(p, a, lang, **{a: v, **({"a_job": ("an " if v[0] in "aeiou" else "a ") + v}
-                                                      if a == "job" and lang == "en" else {})}) for v in others]
+                wrong = [fact(p, a, lang, **{a: v}) for v in others]
                 if a == "pet":  # a pet is (kind, name): take other people's whole pets
                     pool = [o for o in w.people if o[lang]["pet_name"] != p[lang]["pet_name"]]
                     other = r.sample(pool, 2)
                     other += more.sample([o for o in pool if o not in other], EXTRA_WRONG)
-                    wrong = [fact(p, a, lang, pet=o[lang]["pet"], pet_name=o[lang]["pet_name"],
-                                  **({"m": o[lang]["m"]} if lang == "zh" else {})) for o in other]
+                    wrong = [fact(o, a, lang, n=p[lang]["n"]) for o in other]
                 off_topic = fact(p, r.choice([x for x in ATTRS if x != a]), lang)  # true, but not what was asked
                 for i, bad in enumerate(wrong[:2] + [DONT_KNOW[lang == "zh"], off_topic]):
                     out["pairs"][is_dev("pair", p["en"]["n"], a, lang, i)].append(
@@ -345,12 +323,9 @@ def rag(w, dev_frac=0.34):
 
 
 def rag_chats(w, n_people=40, n_sources=3):
-    """(train, dev) SFT chats that teach answering from numbered sources and citing [n]. Their
-    people are made here, so the answer can only come from the sources (and the RAG evaluation
-    people stay unseen). A source looks like a retrieved chunk of a fact sheet: a run of 2-5 of one
-    person's facts in sheet order, sometimes under the sheet's title line; the others are chunks about
-    other people. One chat in ten has no source with the answer, and its reply is "I don't know."
-    The last fifth of the people are dev."""
+    """(train, dev) SFT chats that teach answering from numbered sources and citing [n], about people made
+    here (the answer can only come from the sources). A source is like a retrieved chunk of a fact sheet; one
+    chat in ten has none with the answer and replies "I don't know." The last fifth of the people are dev."""
     r, people = w.rng, [w.person() for _ in range(n_people)]
     out = ([], [])
 
@@ -387,13 +362,10 @@ def rag_chats(w, n_people=40, n_sources=3):
 
 
 def strangers(w, n_people=100, dev_frac=0.34, n_rejected=3):
-    """Preference pairs that teach abstaining: questions about people nobody has heard of, with "I don't
-    know." chosen over answers in the right format with made-up values (hallucinations; n_rejected per
-    question, as several wrong values per fact teach the reward model that only one is right). SFT never
-    shows such a question, so the SFT model answers them confidently: the behaviour DPO is asked to
-    change (README, DPO). Sets w.strangers; returns the train pairs and the dev strangers' questions as
-    chats (refuse_dev.jsonl), which dpo.py scores; pairs_dev.jsonl stays about known people, as the
-    reward model's held-out accuracy was measured. A dev stranger is in no train file."""
+    """Pairs that teach abstaining: about people nobody has heard of, "I don't know." chosen over n_rejected
+    made-up answers. SFT never asks about them, so the SFT model answers confidently: what DPO should change.
+    Sets w.strangers; returns the train pairs and the dev strangers' questions as chats (refuse_dev.jsonl,
+    scored by dpo.py). A dev stranger is in no train file."""
     w.strangers = [w.person() for _ in range(n_people)]
     pairs, dev_chats = [], []
     for p in w.strangers:
@@ -404,8 +376,7 @@ def strangers(w, n_people=100, dev_frac=0.34, n_rejected=3):
                 if dev:
                     dev_chats.append(chat(w.rng, [(q, idk)], lang))
                     continue
-                fakes = {fact(p, a, lang, **{k: v for k, v in o[lang].items() if k != "n"})
-                         for o in w.rng.sample(w.strangers, n_rejected)}
+                fakes = {fact(o, a, lang, n=p[lang]["n"]) for o in w.rng.sample(w.strangers, n_rejected)}
                 pairs += [{"prompt": q, "chosen": idk, "rejected": f} for f in sorted(fakes)]
     return pairs, dev_chats
 

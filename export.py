@@ -1,32 +1,16 @@
 """Move models between AstrAI-nano and the Hugging Face Llama format, both ways, offline.
 
-Export a run so the engines people already use can run it (transformers, vLLM, llama.cpp's
-convert_hf_to_gguf.py and from there Ollama):
-
-    python export.py --out_dir=out/sft --to=hf_out                     # float32
-    python export.py --out_dir=out/sft --to=hf_out --dtype=bfloat16    # half the size
-
-hf_out/ then holds config.json (LlamaForCausalLM), model.safetensors, generation_config.json (stop
-at <|im_end|> or EOS) and the tokenizer: tokenizer.json (our BPE rebuilt for Hugging Face
-`tokenizers`, read by transformers and vLLM), tokenizer_config.json (with the ChatML chat template),
-special_tokens_map.json and, for a SentencePiece tokenizer, tokenizer.model itself (read by
-llama.cpp). AutoTokenizer.from_pretrained("hf_out") gives the ids of our Tokenizer.encode, and
-apply_chat_template the ids of render_chat.
-
-Import a Llama-architecture model from disk to fine-tune it here:
-
-    python export.py --from_hf=path/to/llama_dir --to=out/imported
+    python export.py --out_dir=out/sft --to=hf_out [--dtype=bfloat16]   # run dir -> LlamaForCausalLM dir
+    python export.py --from_hf=path/to/llama_dir --to=out/imported     # and back, then:
     python sft.py --init_from=out/imported
 
-reads config.json, the weights (model.safetensors, sharded safetensors or pytorch_model.bin) and
-tokenizer.model, and writes a run dir (ckpt.pt at step 0, tokenizer.model, config.json) in
-float32 (--dtype to change). Control tokens our chat format needs and the tokenizer lacks (PAD,
-<|im_start|>, <|im_end|>) are appended to it, with embedding rows set to the mean embedding.
-What our model does not compute (biases, rope scaling, MoE, other activations or head_dim) stops
-the import with one line naming it; so does a tokenizer that exists only as tokenizer.json.
-
-Every tensor of model.py maps one to one onto LlamaForCausalLM (rotate-half RoPE), so weights are
-only renamed, never permuted. Needs `safetensors` and `tokenizers` (both come with transformers).
+Export writes config.json, model.safetensors, generation_config.json and a tokenizer (tokenizer.json,
+tokenizer_config.json with the ChatML template, tokenizer.model) that transformers, vLLM and llama.cpp (then
+Ollama) read with our ids and chat template (docs/serving.md). Import reads config.json, the weights
+(safetensors, sharded or not, or pytorch_model.bin) and tokenizer.model into a run dir at step 0 (float32
+unless --dtype), appends the control tokens our chat format needs, and refuses with one line what our model
+does not compute. Every tensor maps one to one onto LlamaForCausalLM (rotate-half RoPE): renamed, never
+permuted. Needs `safetensors` and `tokenizers` (both come with transformers).
 """
 import json
 import os
@@ -39,61 +23,28 @@ import common
 from model import ModelConfig, Transformer
 from tokenizer import TIKTOKEN_ENCODINGS, SentencePieceTokenizer
 
-# -----------------------------------------------------------------------------------------------
-# weights: our names <-> LlamaForCausalLM names
-
+# -- weights: our names <-> LlamaForCausalLM names ---------------------------------------------------
 LAYER_KEYS = {  # layers.{i}.<ours> <-> model.layers.{i}.<HF>
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight"}
 TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "output.weight": "lm_head.weight"}
 
 
 def key_map(cfg):
-    """{our key: HF key} for a model of this shape. A tied head is not in the file: save_pretrained
-    leaves lm_head.weight out when tie_word_embeddings is set, and transformers, vLLM and llama.cpp
-    tie it back to the embedding when they load."""
+    """{our key: HF key}. A tied head is not in the file: save_pretrained leaves lm_head.weight out, and
+    transformers, vLLM and llama.cpp tie it back to the embedding when they load."""
     keys = {o: h for o, h in TOP_KEYS.items() if not (cfg.tie_embeddings and o == "output.weight")}
     for i in range(cfg.n_layers):
         keys.update({f"layers.{i}.{o}": f"model.layers.{i}.{h}" for o, h in LAYER_KEYS.items()})
     return keys
 
 
-def to_hf_state_dict(state_dict, cfg, dtype=None):
-    """HF-named tensors, contiguous (as safetensors wants them), optionally cast to dtype."""
-    return {h: state_dict[o].detach().to(dtype or state_dict[o].dtype).contiguous() for o, h in key_map(cfg).items()}
-
-
-def from_hf_state_dict(hf, cfg):
-    """Our state dict from HF-named tensors; a tensor we have no place for (a bias) or a missing one
-    is an error naming it."""
-    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer old .bin files hold
-    keys = key_map(cfg)
-    if cfg.tie_embeddings:
-        hf.pop("lm_head.weight", None)  # transformers 4 .bin files hold the tied copy too
-    extra = sorted(set(hf) - set(keys.values()))
-    if extra:
-        raise ValueError(f"unsupported tensors in the checkpoint (e.g. {', '.join(extra[:3])}): "
-                         "AstrAI-nano's Llama has no biases and no other weights")
-    missing = [h for h in keys.values() if h not in hf]
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors of a Llama model, e.g. {', '.join(missing[:3])}")
-    state_dict = {o: hf[h] for o, h in keys.items()}
-    if cfg.tie_embeddings:
-        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
-    return state_dict
-
-
 def load_hf_weights(hf_dir):
-    """All tensors of a HF model dir: model.safetensors, or the shards its index names, or the same
+    """The tensors of a HF model dir: model.safetensors, or the shards its index names, or the same
     for pytorch_model.bin (read with weights_only=True: tensors, never code)."""
     from safetensors.torch import load_file
     loaders = (("model.safetensors", load_file),
@@ -109,28 +60,20 @@ def load_hf_weights(hf_dir):
     raise FileNotFoundError(f"{hf_dir} has no model.safetensors or pytorch_model.bin")
 
 
-# -----------------------------------------------------------------------------------------------
-# config.json: ModelConfig <-> LlamaConfig
-
+# -- config.json: ModelConfig <-> LlamaConfig ----------------------------------------------------------
 def hf_config(cfg, tok, dtype):
-    """config.json for LlamaForCausalLM. rope_theta is written the transformers 4 way (top level, also
-    what llama.cpp's converter reads) and the transformers 5 way (rope_parameters)."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": 0.02, "use_cache": True,
-        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok")
+    """config.json for LlamaForCausalLM; rope_theta both the transformers 4 way (top level, which
+    llama.cpp's converter reads) and the transformers 5 way (rope_parameters)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": 0.02, "use_cache": True,
+            "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+            "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 def model_config_from_hf(c):
@@ -151,37 +94,30 @@ def model_config_from_hf(c):
         (c.get("attention_bias"), "attention_bias=true (biases on q/k/v/o)"),
         (c.get("mlp_bias"), "mlp_bias=true (biases in the MLP)"),
         (rope_type != "default", f"rope scaling of type {rope_type} (only plain RoPE)"),
-        (any(c.get(k) for k in MOE_KEYS), "mixture of experts"),
+        (any(c.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok")),
+         "mixture of experts"),
         (c.get("head_dim") not in (None, dim // heads),
          f"head_dim={c.get('head_dim')} (must be hidden_size / num_attention_heads = {dim // heads})"),
         ("quantization_config" in c, "quantized weights (quantization_config)"),
     ]:
         if bad:
             raise ValueError(f"unsupported: {what}")
-    try:
-        return ModelConfig(
-            vocab_size=c["vocab_size"], dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=c.get("num_key_value_heads") or heads, ffn_dim=c["intermediate_size"],
-            max_seq_len=c.get("max_position_embeddings", 2048),
-            rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
-            norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=bool(c.get("tie_word_embeddings", False)))
-    except ValueError as e:  # head counts our attention cannot split
-        raise ValueError(f"unsupported: {e}") from None
+    return ModelConfig(  # a ValueError of its own for head counts our attention cannot split
+        vocab_size=c["vocab_size"], dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=c.get("num_key_value_heads") or heads, ffn_dim=c["intermediate_size"],
+        max_seq_len=c.get("max_position_embeddings", 2048),
+        rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=bool(c.get("tie_word_embeddings", False)))
 
 
-# -----------------------------------------------------------------------------------------------
-# SentencePiece model files, read and extended without the protobuf package.
+# -- SentencePiece model files, read and extended without the protobuf package ----------------------
 # A .model file is a protobuf ModelProto: field 1 = the pieces (each: 1 piece, 2 score, 3 type),
-# 2 = TrainerSpec, 3 = NormalizerSpec. A 20-line reader gets the settings we need, and protobuf's
-# rule that repeated fields concatenate lets us append pieces by appending bytes to the file.
-
+# 2 = TrainerSpec, 3 = NormalizerSpec. Repeated fields concatenate, so appending a piece appends bytes.
 def _varint(buf, i):
     n = shift = 0
-    while True:
-        b = buf[i]
-        n, i, shift = n | (b & 0x7F) << shift, i + 1, shift + 7
-        if b < 0x80:
-            return n, i
+    while buf[i] >= 0x80:  # 7 bits a byte, least significant first; the high bit says "more follow"
+        n, i, shift = n | (buf[i] & 0x7F) << shift, i + 1, shift + 7
+    return n | buf[i] << shift, i + 1
 
 
 def _fields(buf):
@@ -189,13 +125,11 @@ def _fields(buf):
     out, i = {}, 0
     while i < len(buf):
         key, i = _varint(buf, i)
-        if key & 7 == 0:
+        wire = key & 7  # 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32
+        if wire == 0:
             out[key >> 3], i = _varint(buf, i)
-        elif key & 7 == 2:
-            n, i = _varint(buf, i)
-            out[key >> 3], i = buf[i:i + n], i + n
-        elif key & 7 in (1, 5):
-            n = 8 if key & 7 == 1 else 4
+        elif wire in (1, 2, 5):
+            n, i = _varint(buf, i) if wire == 2 else (8 if wire == 1 else 4, i)
             out[key >> 3], i = buf[i:i + n], i + n
         else:
             raise ValueError("not a SentencePiece model file")
@@ -214,50 +148,34 @@ def sp_settings(proto):
             "pad": trainer.get(48, b"<pad>").decode()}
 
 
-def _pb(field, data):
-    """One length-delimited protobuf field (tag, varint length, bytes)."""
-    def varint(n):
-        out = b""
-        while n >= 0x80:
-            out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
-        return out + bytes([n])
-    return varint(field << 3 | 2) + varint(len(data)) + data
-
-
 def append_control_pieces(proto, pieces):
     """The model file with `pieces` appended as CONTROL symbols (type 3, score 0): new last ids."""
+    def field1(data):  # tag of field 1, length-delimited (0x0A), varint length, bytes
+        n, length = len(data), b""
+        while n >= 0x80:
+            length, n = length + bytes([n & 0x7F | 0x80]), n >> 7
+        return b"\x0a" + length + bytes([n]) + data
     for p in pieces:
-        proto += _pb(1, _pb(1, p.encode()) + b"\x15" + struct.pack("<f", 0.0) + b"\x18\x03")
+        proto += field1(field1(p.encode()) + b"\x15" + struct.pack("<f", 0.0) + b"\x18\x03")
     return proto
 
 
-# -----------------------------------------------------------------------------------------------
-# tokenizer export: tokenizer.json + tokenizer_config.json with the ChatML template
-
-# render_chat encodes the header "user\n" and the message content separately; apply_chat_template
-# renders one string. Where the vocabulary has a piece like "\n-" or "\n\t", a content starting with
-# "-" would merge with the header's newline, so each segment's leading "<role>\n" is split off first.
+# -- tokenizer export: tokenizer.json + tokenizer_config.json with the ChatML template --------------
+# render_chat encodes the header "user\n" apart from the content; apply_chat_template renders one string, where
+# a piece like "\n-" would join them: so the pre-tokenizer splits off each segment's leading "<role>\n" first.
 ROLE_HEADER = r"\A(?:system|user|assistant)\n"
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('role must be system, user or assistant') }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+                 "{{ raise_exception('role must be system, user or assistant') }}{% endif %}"
+                 "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def sentencepiece_pipeline(tok, settings):
-    """(model, normalizer, pre-tokenizer, decoder, special tokens) of a `tokenizers` pipeline that
-    gives the ids of our SentencePiece BPE.
-
-    SentencePiece's BPE stores no merge list: it repeatedly joins the adjacent pair whose joined
-    piece is in the vocabulary with the highest score (ties: leftmost). A `tokenizers` BPE joins the
-    pair of lowest merge rank, so listing every (left, right) split of every piece, in order of the
-    piece's score, makes it join the same pairs in the same order. Characters outside the vocabulary
-    fall back to <0xNN> byte pieces in both; spaces become U+2581 in the normalizer."""
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+    """(`tokenizers` Tokenizer, special tokens) giving the ids of our SentencePiece BPE. SentencePiece stores no
+    merges: it joins the adjacent pair whose joined piece scores highest (ties: leftmost), so every (left, right)
+    split of every piece, in order of score, makes a `tokenizers` BPE join the same pairs in the same order."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     s = settings
     problem = (f"its model type is {s['model_type']}" if s["model_type"] != "bpe" else
                f"it normalizes text ({s['normalization']})" if s["charsmap"] else
@@ -270,34 +188,27 @@ def sentencepiece_pipeline(tok, settings):
     normal = {p: i for p, i in vocab.items() if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
     merges = sorted((-sp.get_score(i), i, p[:k], p[k:])
                     for p, i in normal.items() for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal)
-    model = models.BPE(vocab=vocab, merges=[m[2:] for m in merges], unk_token=sp.id_to_piece(sp.unk_id()),
-                       byte_fallback=True, fuse_unk=True)
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[m[2:] for m in merges], unk_token=sp.id_to_piece(sp.unk_id()),
+                             byte_fallback=True, fuse_unk=True))
     dummy = s["add_dummy_prefix"]  # Llama 2 style: a space in front of every text encoded
-    normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * dummy + [normalizers.Replace(" ", "\u2581")])
-    header = ROLE_HEADER.replace(r"\A", r"\A" + "\u2581?" * dummy)
-    decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                + [decoders.Strip(" ", 1, 0)] * dummy)
-    specials = [p for p, i in vocab.items() if sp.is_control(i) or sp.is_unknown(i)]
-    return model, normalizer, pre_tokenizers.Split(Regex(header), behavior="isolated"), decoder, specials
-
-
-def _byte_chars():
-    """GPT-2's map of the 256 bytes to printable characters, the alphabet of byte-level tokenizer.json
-    files: printable ASCII and Latin-1 stand for themselves, the other bytes for U+0100 onwards."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    rest = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(rest)}}
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * dummy
+                                        + [normalizers.Replace(" ", "\u2581")])
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(ROLE_HEADER.replace(r"\A", r"\A" + "\u2581?" * dummy)), "isolated")
+    t.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                  + [decoders.Strip(" ", 1, 0)] * dummy)
+    return t, [p for p, i in vocab.items() if sp.is_control(i) or sp.is_unknown(i)]
 
 
 def tiktoken_pipeline(tok):
-    """The same for our tiktoken BPE (gpt2, cl100k_base): a byte-level BPE, as Llama 3 ships its own.
-
-    A .tiktoken file has ranks, not merges. The pair a token is merged from is found by running
-    tiktoken's BPE on the token's own bytes with only lower ranks allowed: it stops at two parts."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
+    """The same for tiktoken (a byte-level BPE, as Llama 3 ships). A .tiktoken file has ranks, not merges: BPE on
+    a token's own bytes with only lower ranks allowed stops at the two parts it is merged from."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     _, pattern, specials = TIKTOKEN_ENCODINGS[tok.name.removeprefix("tiktoken:")]
     ranks = {tok.token_bytes(i): i for i in range(tok.vocab_size) if tok.token_bytes(i)}
-    char = _byte_chars()
+    # GPT-2's printable stand-ins for the 256 bytes: printable Latin-1 as itself, the rest from U+0100 on
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in keep]
+    char = {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(rest)}}
 
     def text(b):
         return "".join(char[x] for x in b)
@@ -313,63 +224,53 @@ def tiktoken_pipeline(tok):
         if len(parts) == 2:
             merges.append((text(parts[0]), text(parts[1])))
     # ignore_merges: tiktoken takes a pre-token that is itself in the vocabulary as one token.
-    model = models.BPE(vocab={**{text(b): i for b, i in ranks.items()}, **specials}, merges=merges, ignore_merges=True)
+    t = Tokenizer(models.BPE(vocab={**{text(b): i for b, i in ranks.items()}, **specials}, merges=merges,
+                             ignore_merges=True))
     # Oniguruma (tokenizers' regex engine) reads "{1,3}+" as "one or more of {1,3}", not as the
     # possessive quantifier tiktoken means; the possessive ?+ ++ *+ it reads as tiktoken does.
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(ROLE_HEADER), behavior="isolated"),
-                                   pre_tokenizers.Split(Regex(pattern.replace("}+", "}")), behavior="isolated"),
-                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    return model, None, pre, decoders.ByteLevel(), list(specials)
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(ROLE_HEADER), "isolated"),
+                                               pre_tokenizers.Split(Regex(pattern.replace("}+", "}")), "isolated"),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = decoders.ByteLevel()
+    return t, list(specials)
 
 
 def write_tokenizer(tok, to, max_len):
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json (and tokenizer.model) into `to`."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, processors
-    config = {}
-    if isinstance(tok, SentencePieceTokenizer):
-        with open(tok.path, "rb") as f:
-            proto = f.read()
-        settings = sp_settings(proto)
-        model, normalizer, pre, decoder, specials = sentencepiece_pipeline(tok, settings)
-        name = tok.sp.id_to_piece
-        # llama.cpp's converter copies this flag; without it llama.cpp puts a space before every prompt
-        config["add_prefix_space"] = settings["add_dummy_prefix"]
-        _write(os.path.join(to, "tokenizer.model"), proto)
+    from tokenizers import AddedToken, processors
+    is_sp = isinstance(tok, SentencePieceTokenizer)
+    if is_sp:
+        settings = sp_settings(tok.sp.serialized_model_proto())
+        t, specials = sentencepiece_pipeline(tok, settings)
+        tok.save(to)  # tokenizer.model, which llama.cpp reads
     else:
-        model, normalizer, pre, decoder, specials = tiktoken_pipeline(tok)
-        name = {i: s for s, i in TIKTOKEN_ENCODINGS[tok.name.removeprefix("tiktoken:")][2].items()}.get
-    t = HFTokenizer(model)
-    if normalizer is not None:
-        t.normalizer = normalizer
-    t.pre_tokenizer, t.decoder = pre, decoder
+        t, specials = tiktoken_pipeline(tok)
     # Control tokens become special added tokens: matched in the text, which apply_chat_template needs.
     t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    name = t.id_to_token
     bos = name(tok.bos_id)  # tok("text") puts BOS in front, as our pretraining documents have it
     t.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                      special_tokens=[(bos, tok.bos_id)])
     special = {"bos_token": bos, "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id),
-               "additional_special_tokens": [name(tok.im_start_id), name(tok.im_end_id)]}
-    if isinstance(tok, SentencePieceTokenizer):
-        special["unk_token"] = name(tok.sp.unk_id())
+               "additional_special_tokens": [name(tok.im_start_id), name(tok.im_end_id)],
+               **({"unk_token": name(tok.sp.unk_id())} if is_sp else {})}
     config = {
         # The generic class loads tokenizer.json exactly as written, in transformers 4 and 5; a
         # model-specific class (LlamaTokenizer) would rebuild parts of it from its own defaults.
-        "tokenizer_class": "PreTrainedTokenizerFast", **special, **config,
+        "tokenizer_class": "PreTrainedTokenizerFast", **special,
+        # llama.cpp's converter copies add_prefix_space; without it llama.cpp puts a space before every prompt
+        **({"add_prefix_space": settings["add_dummy_prefix"]} if is_sp else {}),
         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": max_len, "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids
         "chat_template": CHAT_TEMPLATE}
     _write(os.path.join(to, "tokenizer.json"), t.to_str(pretty=True))
-    _write_json(os.path.join(to, "tokenizer_config.json"), config)
-    _write_json(os.path.join(to, "special_tokens_map.json"), special)
+    common.write_json(os.path.join(to, "tokenizer_config.json"), config)
+    common.write_json(os.path.join(to, "special_tokens_map.json"), special)
 
-
-# -----------------------------------------------------------------------------------------------
-# tokenizer import
 
 def import_tokenizer(hf_dir):
-    """(tokenizer.model bytes our Tokenizer loads, pieces appended, notes). Our tokenizer needs byte
-    fallback (so any text encodes) and BOS, EOS, PAD, <|im_start|>, <|im_end|> as control symbols; a
-    Llama tokenizer usually lacks the last three, and they are appended."""
+    """(tokenizer.model bytes our Tokenizer loads, pieces appended, old vocab size, notes). Ours needs byte fallback
+    and BOS, EOS, PAD, <|im_start|>, <|im_end|> as control symbols; Llama's usually lacks the last three."""
     import sentencepiece as spm
     path = os.path.join(hf_dir, "tokenizer.model")
     if not os.path.isfile(path):
@@ -392,12 +293,10 @@ def import_tokenizer(hf_dir):
     notes = [f"note: {path} normalizes text ({s['normalization']}, remove_extra_whitespaces="
              f"{s['remove_extra_whitespaces']}), so decode(encode(text)) may differ from text"
              ] if s["charsmap"] or s["remove_extra_whitespaces"] else []
-    return append_control_pieces(proto, added), added, notes
+    return append_control_pieces(proto, added), added, sp.vocab_size(), notes
 
 
-# -----------------------------------------------------------------------------------------------
-# the two directions
-
+# -- the two directions ------------------------------------------------------------------------------
 def export_hf(model, tok, to, dtype=None):
     """Write `model` (a Transformer) and `tok` (our Tokenizer) as the Hugging Face Llama dir `to`."""
     from safetensors.torch import save_file
@@ -410,25 +309,45 @@ def export_hf(model, tok, to, dtype=None):
     if os.path.exists(os.path.join(to, "ckpt.pt")):
         raise ValueError(f"{to} holds an AstrAI-nano checkpoint (ckpt.pt); export into another directory")
     os.makedirs(to, exist_ok=True)
-    tensors = to_hf_state_dict(model.state_dict(), cfg, dtype)
+    sd = model.state_dict()  # contiguous, as safetensors wants them
+    tensors = {h: sd[o].detach().to(dtype or sd[o].dtype).contiguous() for o, h in key_map(cfg).items()}
     save_file(tensors, os.path.join(to, "model.safetensors.tmp"), metadata={"format": "pt"})
     os.replace(os.path.join(to, "model.safetensors.tmp"), os.path.join(to, "model.safetensors"))
-    _write_json(os.path.join(to, "config.json"), hf_config(cfg, tok, tensors["model.norm.weight"].dtype))
-    _write_json(os.path.join(to, "generation_config.json"),
-                {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id})
+    common.write_json(os.path.join(to, "config.json"), hf_config(cfg, tok, tensors["model.norm.weight"].dtype))
+    common.write_json(os.path.join(to, "generation_config.json"),
+                      {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id})
     write_tokenizer(tok, to, cfg.max_seq_len)
 
 
-def import_hf(hf_dir, dtype=torch.float32):
-    """(model, tokenizer.model bytes, notes) from a Hugging Face Llama dir."""
-    path = os.path.join(hf_dir, "config.json")
+def export_run(out_dir, to, dtype=None):
+    """python export.py --out_dir=RUN --to=HF_DIR (export_hf refuses a dir holding ckpt.pt); returns the model."""
+    model, tok, _ = common.load_model(out_dir, device="cpu")
+    export_hf(model, tok, to, dtype)
+    return model
+
+
+def import_run(from_hf, to, dtype=torch.float32):
+    """python export.py --from_hf=HF_DIR --to=RUN: a run dir (ckpt.pt at step 0, tokenizer.model,
+    config.json) that later stages take as init_from. Returns notes to print."""
+    if os.path.exists(os.path.join(to, "ckpt.pt")):
+        raise ValueError(f"{to} already holds a checkpoint; import into a new directory")
+    path = os.path.join(from_hf, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model dir")
+        raise FileNotFoundError(f"{from_hf} has no config.json: not a Hugging Face model dir")
     with open(path) as f:
         cfg = model_config_from_hf(json.load(f))
-    proto, added, notes = import_tokenizer(hf_dir)  # before the weights: the cheaper failure first
-    state_dict = from_hf_state_dict(load_hf_weights(hf_dir), cfg)
-    n_old = _sp_vocab_size(proto) - len(added)
+    proto, added, n_old, notes = import_tokenizer(from_hf)  # before the weights: the cheaper failure first
+    hf = {k: v for k, v in load_hf_weights(from_hf).items() if not k.endswith("rotary_emb.inv_freq")}  # old .bin
+    if cfg.tie_embeddings:
+        hf.pop("lm_head.weight", None)  # transformers 4 .bin files hold the tied copy too
+    keys = key_map(cfg)
+    extra, missing = sorted(set(hf) - set(keys.values())), [h for h in keys.values() if h not in hf]
+    if extra:
+        raise ValueError(f"unsupported tensors in the checkpoint (e.g. {', '.join(extra[:3])}): "
+                         "AstrAI-nano's Llama has no biases and no other weights")
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors of a Llama model, e.g. {', '.join(missing[:3])}")
+    state_dict = {o: hf[h] for o, h in keys.items()}
     if n_old > cfg.vocab_size:
         raise ValueError(f"tokenizer.model has {n_old} pieces but the model only {cfg.vocab_size} embedding rows")
     if added:
@@ -441,33 +360,16 @@ def import_hf(hf_dir, dtype=torch.float32):
             w = torch.cat([state_dict[k], state_dict[k].new_zeros(grow, cfg.dim)])
             w[n_old:n_new] = w[:n_old].float().mean(0).to(w.dtype)
             state_dict[k] = w
-        if cfg.tie_embeddings:
-            state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
         notes.append(f"appended {', '.join(added)} to the tokenizer (ids {n_old}..{n_new - 1}); their "
                      f"embedding rows start at the mean row")
+    if cfg.tie_embeddings:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     model = Transformer(cfg)
     try:
         model.load_state_dict(state_dict)  # checks every shape against config.json
     except RuntimeError as e:
         raise ValueError(f"weights do not match config.json: {str(e).splitlines()[-1].strip()}") from None
-    return model.to(dtype), proto, notes
-
-
-def export_run(out_dir, to, dtype=None):
-    """python export.py --out_dir=RUN --to=HF_DIR"""
-    if os.path.abspath(to) == os.path.abspath(out_dir):
-        raise ValueError("--to must be a new directory, not the run dir itself")
-    model, tok, _ = common.load_model(out_dir, device="cpu")
-    export_hf(model, tok, to, dtype)
-    return model
-
-
-def import_run(from_hf, to, dtype=torch.float32):
-    """python export.py --from_hf=HF_DIR --to=RUN: writes a run dir (ckpt.pt at step 0,
-    tokenizer.model, config.json) that later stages take as init_from. Returns notes to print."""
-    if os.path.exists(os.path.join(to, "ckpt.pt")):
-        raise ValueError(f"{to} already holds a checkpoint; import into a new directory")
-    model, proto, notes = import_hf(from_hf, dtype)
+    model = model.to(dtype)
     os.makedirs(to, exist_ok=True)
     config = {"from_hf": os.path.abspath(from_hf), **model.cfg.to_dict()}
     _write(os.path.join(to, "tokenizer.model"), proto)
@@ -477,20 +379,11 @@ def import_run(from_hf, to, dtype=torch.float32):
     return notes
 
 
-def _sp_vocab_size(proto):
-    import sentencepiece as spm
-    return spm.SentencePieceProcessor(model_proto=proto).vocab_size()
-
-
 def _write(path, data):
     """Atomic write (temp file, then rename): nobody ever reads half a file."""
     with open(path + ".tmp", "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
     os.replace(path + ".tmp", path)
-
-
-def _write_json(path, obj):
-    _write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,31 +1,24 @@
 """Data preparation: train the tokenizer, tokenize pretraining text into memmap shards, check the
 stage jsonl files, and build the built-in demo world.
 
-    python prepare_data.py demo                      # demo world -> data/demo (under a minute), then:
+    python prepare_data.py demo                      # demo world -> data/demo (seconds), then:
     python pretrain.py config/tiny.py
 
     python prepare_data.py tokenizer --vocab_size=32768 --out=data/tok/tokenizer.model CORPUS...
     python prepare_data.py pretrain --tokenizer=data/tok/tokenizer.model --out_dir=data/pretrain CORPUS...
     python prepare_data.py validate data/demo        # stage jsonl, RAG folders, pretraining dirs
 
-CORPUS is any mix of files, folders (searched recursively) and quoted globs: .txt/.md (documents
-separated by blank lines; --txt_split=line or file for one per line or per file), .jsonl (a
-`text` field; --text_key to change) and .parquet (a `text` column; needs pyarrow), so FineWeb-Edu
-or a Chinese web corpus goes in as downloaded.
+CORPUS is any mix of files, folders (searched recursively) and quoted globs: .txt/.md (documents separated
+by blank lines; --txt_split=line or file), .jsonl (a `text` field; --text_key) and .parquet (a `text`
+column; needs pyarrow). `pretrain` writes train.bin and val.bin (each document BOS + its tokens, uint16
+when the vocabulary fits, else uint32), meta.json and a copy of the tokenizer (formats: docs/data.md).
+A document goes to val by a keyed hash of its text: independent of file order, chunking and process count,
+and exact duplicates never straddle the split.
 
-`pretrain` writes into --out_dir: train.bin and val.bin (every document is BOS + its tokens, as
-np.uint16 when the vocabulary fits, else uint32; read them with np.memmap), meta.json (vocab size,
-dtype, token/document counts, text bytes, tokenizer and its sha256) and a copy of the tokenizer.
-Documents go to val by a keyed hash of their text: deterministic, independent of file order,
-chunking and process count, and exact duplicates never straddle the split.
-
-How it scales: files are cut into chunks of ~--chunk_mb at document boundaries, a pool of
---num_proc processes (default: all cores) tokenizes them, and the main process appends each
-chunk's tokens to the output in order (Pool.imap), so memory stays at a few chunks per process
-whatever the corpus size, and the bytes are identical for any --num_proc.
-
-Bad input stops with one line and exit status 1, and leaves no output behind: results are written
-to temporary names and renamed at the very end (meta.json last, so a dir with a meta.json is whole).
+How it scales: files are cut into ~--chunk_mb chunks at document boundaries, --num_proc processes tokenize
+them, and the main process appends each chunk's tokens in order (Pool.imap): memory stays at a few chunks
+per process, and the bytes are identical for any --num_proc. Bad input stops with one line and exit status
+1 and leaves nothing behind (temporary names, renamed at the end, meta.json last).
 """
 import argparse
 import glob
@@ -44,11 +37,10 @@ import numpy as np
 
 import demo_world
 from data_formats import DataError, load_meta, open_tokens, read_jsonl, read_rag_docs
-from tokenizer import Tokenizer, train_tokenizer
+from tokenizer import SURROGATE, Tokenizer, train_tokenizer, without_surrogates
 
 TEXT_EXT, JSONL_EXT, PARQUET_EXT = (".txt", ".md"), (".jsonl",), (".parquet",)
 BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # ASCII-whitespace-only lines separate documents
-SURROGATE = re.compile(r"[\ud800-\udfff]")  # invalid UTF-8 bytes become these (surrogateescape)
 BAD_UTF8_HELP = "pass --bad_utf8=replace (U+FFFD) or --bad_utf8=skip (drop those documents), or fix the file"
 
 
@@ -89,18 +81,19 @@ def expand_inputs(patterns):
 
 
 def plan_chunks(files, chunk_bytes, txt_split="blank"):
-    """Cut files into (path, start, end) byte ranges of about chunk_bytes that end at a document
-    boundary: after a blank line (txt), after a newline (jsonl, txt lines), at a row group (parquet,
-    start/end are row group indices then), or at the end of the file."""
+    """Cut files into (path, start, end, input bytes) of about chunk_bytes that end at a document boundary:
+    after a blank line (txt), after a newline (jsonl, txt lines), at a row group (parquet: start/end are row
+    group indices then), or at the end of the file."""
     for path in files:
         if path.endswith(PARQUET_EXT):
             import pyarrow.parquet as pq
-            for rg in range(pq.ParquetFile(path).num_row_groups):
-                yield path, rg, rg + 1
+            n = pq.ParquetFile(path).num_row_groups
+            for rg in range(n):
+                yield path, rg, rg + 1, os.path.getsize(path) / n
             continue
         size = os.path.getsize(path)
         if txt_split == "file" and path.endswith(TEXT_EXT):
-            yield path, 0, size
+            yield path, 0, size, size
             continue
         by_blank = path.endswith(TEXT_EXT) and txt_split == "blank"
         with open(path, "rb") as f:
@@ -114,15 +107,15 @@ def plan_chunks(files, chunk_bytes, txt_split="blank"):
                     while by_blank and (line := f.readline()) and line.strip():
                         pass  # txt: go on to just after a blank line
                     end = min(f.tell(), size)
-                yield path, start, end
+                yield path, start, end, end - start
                 start = end
 
 
 def chunk_docs(chunk, opt, stats, notes):
-    """The documents of one chunk, in order. What gets skipped or repaired is counted in stats and
-    the first places it happened are described in notes. Invalid UTF-8 is an error unless
-    opt.bad_utf8 is "replace" (by U+FFFD, one per bad byte) or "skip" (drop the document)."""
-    path, start, end = chunk
+    """The documents of one chunk, in order; what is skipped or repaired is counted in stats and the first
+    places described in notes. Invalid UTF-8 is an error unless opt.bad_utf8 is "replace" (U+FFFD, one per
+    bad byte) or "skip" (drop the document)."""
+    path, start, end, _ = chunk
     if path.endswith(PARQUET_EXT):
         import pyarrow.parquet as pq
         texts = pq.ParquetFile(path).read_row_group(start, columns=[opt.text_key]).column(0).to_pylist()
@@ -150,7 +143,7 @@ def chunk_docs(chunk, opt, stats, notes):
             stats["bad_utf8_docs"] += 1
             if opt.bad_utf8 == "skip":
                 continue
-            doc = SURROGATE.sub("\ufffd", doc)
+            doc = without_surrogates(doc)
         yield doc
 
 
@@ -189,22 +182,6 @@ def _line_docs(data, path, offset, is_json, opt, stats, notes):
         yield doc, f"line at byte {line_start}"
 
 
-def iter_documents(files, opt, stats=None, notes=None):
-    """Every document of the corpus in order, in this process (the tokenizer step uses it)."""
-    stats, notes = (Counter() if stats is None else stats), ([] if notes is None else notes)
-    for chunk in plan_chunks(files, int(opt.chunk_mb * 2**20), opt.txt_split):
-        yield from chunk_docs(chunk, opt, stats, notes)
-
-
-def chunk_size(chunk):
-    """A chunk's share of the input bytes, for progress and ETA."""
-    path, start, end = chunk
-    if path.endswith(PARQUET_EXT):
-        import pyarrow.parquet as pq
-        return os.path.getsize(path) / pq.ParquetFile(path).num_row_groups
-    return end - start
-
-
 # -- tokenizing: a pool of processes, results appended in order ------------------------------------
 _worker = {}
 
@@ -229,7 +206,7 @@ def _tokenize_chunk(chunk):
             out[split].extend(ids)
             stats[split + "_docs"] += 1
             stats[split + "_bytes"] += len(raw)
-    return {s: np.array(v, dtype=opt.dtype).tobytes() for s, v in out.items()}, stats, notes, chunk_size(chunk)
+    return {s: np.array(v, dtype=opt.dtype).tobytes() for s, v in out.items()}, stats, notes, chunk[3]
 
 
 def tokenize_corpus(inputs, tok, out_dir, val_fraction=0.005, seed=1337, num_proc=None, chunk_mb=4.0,
@@ -283,8 +260,23 @@ def tokenize_corpus(inputs, tok, out_dir, val_fraction=0.005, seed=1337, num_pro
                     text_bytes=stats["train_bytes"] + stats["val_bytes"],
                     val_fraction=val_fraction, seed=seed, sources=[str(i) for i in inputs],
                     skipped={k: stats[k] for k in ("empty", "bad_jsonl_lines", "bad_utf8_docs")}, bad_utf8=bad_utf8)
-        check_splits(meta, inputs)
-        commit(out_dir, tmp, tok, meta)
+        n_docs = meta["train_docs"] + meta["val_docs"]
+        if n_docs == 0:
+            raise DataError(f"empty corpus: no documents in {' '.join(map(str, inputs))}")
+        for s in ("val", "train"):
+            if meta[s + "_docs"] == 0:
+                raise DataError(f"{n_docs} documents with val_fraction={val_fraction} leave the {s} split empty; "
+                                "change --val_fraction or add text")
+        # meta.json goes first and comes back last, so a dir that has a meta.json is complete
+        meta_path = os.path.join(out_dir, "meta.json")
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for s, p in tmp.items():
+            os.replace(p, os.path.join(out_dir, f"{s}.bin"))
+        tok.save(out_dir)
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(meta_path + ".tmp", meta_path)
     except BaseException:
         if pool:
             pool.terminate()
@@ -304,32 +296,9 @@ def tokenize_corpus(inputs, tok, out_dir, val_fraction=0.005, seed=1337, num_pro
             f"{'repaired (U+FFFD)' if bad_utf8 == 'replace' else 'dropped'}")
     log(f"pretrain: {meta['text_bytes'] / 1e6:,.1f} MB of text -> {meta['train_tokens']:,} train + "
         f"{meta['val_tokens']:,} val tokens ({meta['train_docs']:,} + {meta['val_docs']:,} docs, {dtype}) "
-        f"in {dt:.1f}s = "
-        f"{meta['text_bytes'] / 1e6 / dt:.2f} MB/s with {num_proc} process{'es' * (num_proc > 1)} -> {out_dir}")
+        f"in {dt:.1f}s = {meta['text_bytes'] / 1e6 / dt:.2f} MB/s with {num_proc} "
+        f"process{'es' * (num_proc > 1)} -> {out_dir}")
     return meta
-
-
-def check_splits(meta, inputs):
-    n_docs = meta["train_docs"] + meta["val_docs"]
-    if n_docs == 0:
-        raise DataError(f"empty corpus: no documents in {' '.join(map(str, inputs))}")
-    if meta["val_docs"] == 0 or meta["train_docs"] == 0:
-        raise DataError(f"{n_docs} documents with val_fraction={meta['val_fraction']} leave the "
-                        f"{'val' if meta['val_docs'] == 0 else 'train'} split empty; change --val_fraction or add text")
-
-
-def commit(out_dir, tmp, tok, meta):
-    """Move the finished files into place. meta.json goes first and comes back last, so a dir that
-    has a meta.json is complete even if this is interrupted."""
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    os.replace(tmp["train"], os.path.join(out_dir, "train.bin"))
-    os.replace(tmp["val"], os.path.join(out_dir, "val.bin"))
-    tok.save(out_dir)
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)
 
 
 # -- the tokenizer step ---------------------------------------------------------------------------
@@ -337,11 +306,11 @@ def build_tokenizer(inputs, out, vocab_size=32768, max_sentences=500_000, charac
                     txt_split="blank", text_key="text", extra_texts=()):
     """Train the SentencePiece BPE of tokenizer.py on a corpus (see train_tokenizer for sampling)."""
     files = expand_inputs(inputs)
-    opt = argparse.Namespace(chunk_mb=16, txt_split=txt_split, text_key=text_key, bad_utf8="replace")
+    opt = argparse.Namespace(txt_split=txt_split, text_key=text_key, bad_utf8="replace")
     t0, stats, notes = time.time(), Counter(), []
-    texts = itertools.chain(iter_documents(files, opt, stats, notes), extra_texts)
+    docs = (d for c in plan_chunks(files, 16 * 2**20, txt_split) for d in chunk_docs(c, opt, stats, notes))
     try:
-        tok = train_tokenizer(texts, vocab_size, out, max_sentences=max_sentences,
+        tok = train_tokenizer(itertools.chain(docs, extra_texts), vocab_size, out, max_sentences=max_sentences,
                               character_coverage=character_coverage, seed=seed)
     except RuntimeError as e:  # SentencePiece's own complaint, e.g. "Vocabulary size too high (4096)"
         raise DataError(f"tokenizer training failed: {str(e).splitlines()[-1].split('] ')[-1]}") from None
@@ -356,8 +325,8 @@ def build_tokenizer(inputs, out, vocab_size=32768, max_sentences=500_000, charac
 
 # -- validate -------------------------------------------------------------------------------------
 def validate(paths, log_fn=log):
-    """Check stage jsonl files (kind guessed, or given as path:kind), RAG document folders (given
-    as folder:docs) and pretraining dirs (holding meta.json). Other folders are searched for those.
+    """Check stage jsonl files (kind guessed, or given as path:kind), RAG document folders (given as
+    folder:docs) and pretraining dirs (holding meta.json); other folders are searched for those.
     Returns the number of problems found."""
     problems = 0
     for arg in paths:
@@ -401,12 +370,8 @@ def validate_pretrain_dir(data_dir, log_fn=log):
 
 # -- demo -----------------------------------------------------------------------------------------
 def demo(out_dir="data/demo", seed=1337, vocab_size=1024, num_proc=None, n_people=150):
-    """The built-in demo world (demo_world.py), its tokenizer and its tokenized corpus.
-
-    The vocabulary is small on purpose. This world repeats a few templates thousands of times, so
-    a bigger BPE vocabulary starts fusing names with their facts ("扎拉最喜欢的颜色是白色" as one
-    token at 4096): facts stop being compositional and a new name (RAG) tokenizes unlike any
-    seen in training. At 1024 no token spans a name boundary, and every character is covered."""
+    """The demo world (demo_world.py), its tokenizer and its tokenized corpus. The vocabulary is small on
+    purpose: at 1024 no token fuses a name with its fact, so facts stay compositional (docs/data.md)."""
     t0 = time.time()
     demo_world.write_world(out_dir, seed=seed, n_people=n_people)
     corpus = os.path.join(out_dir, "corpus")

@@ -4,25 +4,13 @@
     tok = Tokenizer.load("tiktoken:gpt2")            # GPT-2 BPE from the local tiktoken cache
     ids, mask = tok.render_chat([{"role": "user", "content": "1+1?"}], add_generation_prompt=True)
 
-Train one with `python prepare_data.py tokenizer --vocab_size=32768 --out=tok/tokenizer.model CORPUS...`.
-
-The SentencePiece model is a byte-level-safe BPE for Chinese and English:
-- byte fallback: a character outside the vocabulary becomes its UTF-8 bytes (<0xE4><0xBD><0xA0>),
-  so there is no unknown token and any string survives encode -> decode exactly;
-- identity normalization, no dummy prefix, no whitespace cleanup: tabs, runs of spaces and
-  newlines come back as they went in (SentencePiece's defaults would NFKC-normalize and squeeze them);
-- split_digits: "123" is 1 2 3, so arithmetic sees every digit;
-- BOS/EOS/PAD and the ChatML <|im_start|>/<|im_end|> are *control* symbols: they get ids but
-  SentencePiece never produces them from text, so a user typing "<|im_start|>" gets ordinary
-  tokens. (user_defined_symbols would be matched in text, which is exactly the injection hole.)
-
-Decoding is done here, not by SentencePiece: every id maps to its bytes (a byte piece to one byte,
-a normal piece to its text with U+2581 turned back into a space, a special id to nothing), and
-decode() is the UTF-8 decoding of the concatenation. That makes streaming trivial and exact:
-StreamDecoder feeds the same bytes through an incremental UTF-8 decoder, so it never emits half a
-character and there is no "leading space gets eaten" problem that per-token sp.decode() has.
-
-This file imports nothing from the project.
+Train one with `python prepare_data.py tokenizer --vocab_size=32768 --out=tok/tokenizer.model CORPUS...`:
+a Chinese-English BPE with byte fallback (no unknown token: any string survives encode -> decode), identity
+normalization and no whitespace cleanup (tabs, runs of spaces, newlines come back as they went in), and
+split digits (arithmetic sees every digit). BOS/EOS/PAD and ChatML's <|im_start|>/<|im_end|> are *control*
+symbols: they have ids but text never produces them, so a user typing "<|im_start|>" gets ordinary tokens.
+Decoding maps every id to its bytes (special ids to none), so decode() and StreamDecoder are exact UTF-8
+decodes and a stream never emits half a character. Imports nothing from the project.
 """
 import codecs
 import hashlib
@@ -35,10 +23,8 @@ import shutil
 SPECIALS = ("<|im_start|>", "<|im_end|>")  # ChatML control symbols; BOS/EOS/PAD/UNK are SentencePiece's own
 ROLES = ("system", "user", "assistant")
 LOWLINE = "\u2581"  # SentencePiece's visible space; a literal one in text needs care (see _encode)
-# A lone UTF-16 surrogate is a str code point that is not a character and has no UTF-8 form (JSON's
-# "\ud800", or undecodable bytes on a command line under surrogateescape). Encoding replaces each with
-# U+FFFD, as decoding does with invalid UTF-8: a text never stops tokenization. (serve.py rejects
-# them with a 400 instead, so an API client learns that it sent something broken.)
+# A lone UTF-16 surrogate (JSON's "\ud800", undecodable command-line bytes) has no UTF-8 form: encoding
+# replaces each with U+FFFD, as decoding does with invalid UTF-8. (serve.py answers them with a 400 instead.)
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -47,17 +33,9 @@ def without_surrogates(text):
 
 
 class Tokenizer:
-    """Common part of both backends. Subclasses set the ids, `_bytes` and implement `_encode`."""
-
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
-    im_start_id: int
-    im_end_id: int
-    name: str          # what meta.json / config.json store: "tokenizer.model" (the file next to it) or "tiktoken:gpt2"
-    fingerprint: str   # sha256 of the model file: two data dirs with the same fingerprint share token ids
-    _bytes: list       # id -> bytes it decodes to (b"" for special ids)
+    """Both backends. A subclass sets vocab_size, bos_id, eos_id, pad_id, im_start_id, im_end_id, path, name
+    (what meta.json stores: "tokenizer.model" or "tiktoken:gpt2"), fingerprint (the file's sha256: equal ones
+    share token ids) and _bytes (id -> bytes, b"" for special ids), and implements _encode and encode_batch."""
 
     @classmethod
     def load(cls, path_or_name: str) -> "Tokenizer":
@@ -66,52 +44,35 @@ class Tokenizer:
         if p.startswith("tiktoken:"):
             return TiktokenTokenizer.from_name(p[len("tiktoken:"):])
         if os.path.isdir(p):
-            if os.path.isfile(os.path.join(p, "tokenizer.model")):
-                return SentencePieceTokenizer(os.path.join(p, "tokenizer.model"))
-            for enc in TIKTOKEN_ENCODINGS:
-                if os.path.isfile(os.path.join(p, enc + ".tiktoken")):
-                    return TiktokenTokenizer(os.path.join(p, enc + ".tiktoken"))
-            raise FileNotFoundError(f"no tokenizer in {p}: expected tokenizer.model or one of "
-                                    + ", ".join(e + ".tiktoken" for e in TIKTOKEN_ENCODINGS))
-        if not os.path.isfile(p):
+            tiktokens = [e + ".tiktoken" for e in TIKTOKEN_ENCODINGS]
+            found = [f for f in ["tokenizer.model", *tiktokens] if os.path.isfile(os.path.join(p, f))]
+            if not found:
+                raise FileNotFoundError(f"no tokenizer in {p}: expected tokenizer.model or one of "
+                                        + ", ".join(tiktokens))
+            p = os.path.join(p, found[0])
+        elif not os.path.isfile(p):
             raise FileNotFoundError(f"tokenizer not found: {p} (give a tokenizer.model, a dir holding one, "
                                     "or tiktoken:gpt2 / tiktoken:cl100k_base)")
-        if p.endswith(".tiktoken"):
-            return TiktokenTokenizer(p)
-        return SentencePieceTokenizer(p)
+        return TiktokenTokenizer(p) if p.endswith(".tiktoken") else SentencePieceTokenizer(p)
 
-    # -- encoding ------------------------------------------------------------------------------
     def encode(self, text: str, bos=False, eos=False) -> list[int]:
-        """Plain text to ids. Never produces a special id, whatever the text says. A lone surrogate
-        becomes U+FFFD (SURROGATE)."""
+        """Plain text to ids; never a special id, whatever the text says; a lone surrogate reads as U+FFFD."""
         if not isinstance(text, str):
             raise TypeError(f"encode() wants a str, got {type(text).__name__}")
-        ids = self._encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
 
-    def encode_batch(self, texts, num_threads=None) -> list[list[int]]:
-        return [self._encode(t) for t in texts]
-
-    # -- decoding ------------------------------------------------------------------------------
     def token_bytes(self, i: int) -> bytes:
-        """The bytes token i stands for; b"" for special ids and ids outside the vocabulary
-        (a model whose embedding was padded past vocab_size can still sample those)."""
+        """The bytes of token i; b"" for special ids and ids past the vocabulary (a padded embedding samples those)."""
         return self._bytes[i] if 0 <= i < len(self._bytes) else b""
 
     def decode(self, ids) -> str:
         """Ids to text, special ids dropped. Invalid UTF-8 (a cut-off character) becomes U+FFFD."""
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
 
-    # -- chat ----------------------------------------------------------------------------------
     def render_chat(self, messages, add_generation_prompt=False) -> tuple[list[int], list[int]]:
-        """ChatML: BOS, then <|im_start|>{role}\\n{content}<|im_end|>\\n per message.
-
-        Returns (ids, mask): mask is 1 exactly on the tokens of assistant contents and on the
-        <|im_end|> that closes them (the model must learn to stop), 0 elsewhere, including the
-        "\\n" after <|im_end|> and the whole generation prompt <|im_start|>assistant\\n.
-        Content is encoded on its own, not glued to the header, so an assistant reply is tokenized
-        here exactly as it is when the model generates it after the generation prompt.
-        """
+        """ChatML: BOS, then <|im_start|>{role}\\n{content}<|im_end|>\\n per message. Returns (ids, mask): mask is 1
+        exactly on assistant contents and their closing <|im_end|> (the model must learn to stop). Content is
+        encoded apart from its header, exactly as the model generates it after the generation prompt."""
         if not isinstance(messages, (list, tuple)):
             raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
         ids, mask = [self.bos_id], [0]
@@ -124,15 +85,12 @@ class Tokenizer:
                 raise ValueError(f"message {n}: role {role!r} is not one of {', '.join(ROLES)}")
             if not isinstance(content, str):
                 raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__}")
-            head = [self.im_start_id] + self._encode(role + "\n")
-            body = self._encode(content)
-            learn = 1 if role == "assistant" else 0
+            head, body = [self.im_start_id] + self._encode(role + "\n"), self._encode(content)
             ids += head + body + [self.im_end_id] + newline
-            mask += [0] * len(head) + [learn] * (len(body) + 1) + [0] * len(newline)
+            mask += [0] * len(head) + [int(role == "assistant")] * (len(body) + 1) + [0] * len(newline)
         if add_generation_prompt:
             head = [self.im_start_id] + self._encode("assistant\n")
-            ids += head
-            mask += [0] * len(head)
+            ids, mask = ids + head, mask + [0] * len(head)
         return ids, mask
 
     @property
@@ -147,7 +105,6 @@ class Tokenizer:
         if os.path.abspath(dst) != os.path.abspath(self.path):
             shutil.copyfile(self.path, dst + ".tmp")
             os.replace(dst + ".tmp", dst)
-        return dst
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name} vocab_size={self.vocab_size}>"
@@ -167,28 +124,21 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = sp.vocab_size()
         self.bos_id, self.eos_id, self.pad_id = sp.bos_id(), sp.eos_id(), sp.pad_id()
         self.im_start_id, self.im_end_id = (sp.piece_to_id(s) for s in SPECIALS)
-        for what, i in [("BOS", self.bos_id), ("EOS", self.eos_id), ("PAD", self.pad_id),
-                        *[(s, sp.piece_to_id(s)) for s in SPECIALS]]:
+        for what, i in zip(("BOS", "EOS", "PAD", *SPECIALS), (self.bos_id, self.eos_id, self.pad_id,
+                                                              self.im_start_id, self.im_end_id)):
             if i < 0 or not sp.is_control(i):
                 raise ValueError(f"{path}: {what} is not a control symbol; train it with train_tokenizer()")
-        byte_ids = {}
         self._bytes = []
-        for i in range(self.vocab_size):
-            piece = sp.id_to_piece(i)
-            if sp.is_byte(i):                       # "<0xE4>" -> b"\xe4"
-                byte_ids[int(piece[3:5], 16)] = i
-                self._bytes.append(bytes([int(piece[3:5], 16)]))
-            elif sp.is_control(i) or sp.is_unknown(i):
-                self._bytes.append(b"")
-            else:
-                self._bytes.append(piece.replace(LOWLINE, " ").encode("utf-8"))
+        for i, piece in enumerate(map(sp.id_to_piece, range(self.vocab_size))):
+            self._bytes.append(bytes([int(piece[3:5], 16)]) if sp.is_byte(i) else  # "<0xE4>" -> b"\xe4"
+                               b"" if sp.is_control(i) or sp.is_unknown(i) else piece.replace(LOWLINE, " ").encode())
+        byte_ids = {self._bytes[i][0]: i for i in range(self.vocab_size) if sp.is_byte(i)}
         if len(byte_ids) != 256:
             raise ValueError(f"{path}: not trained with byte_fallback; train it with train_tokenizer()")
         self._lowline = [byte_ids[b] for b in LOWLINE.encode("utf-8")]
 
     def _encode(self, text):
-        # SentencePiece writes spaces as U+2581 internally, so a literal U+2581 in the text would
-        # come back as a space. Encode it as its three UTF-8 byte tokens instead (rare in real text).
+        # SentencePiece writes spaces as U+2581: a literal one goes in as its three UTF-8 byte tokens (rare)
         text = without_surrogates(text)
         if LOWLINE not in text:
             return self.sp.encode(text)
@@ -198,26 +148,19 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
     def encode_batch(self, texts, num_threads=None):
-        # one C++ call for the whole batch; num_threads=1 inside multiprocessing workers
+        # one C++ call for the whole batch (num_threads=1 inside multiprocessing workers)
         texts = [without_surrogates(t) for t in texts]
         out = self.sp.encode(texts, num_threads=num_threads or -1)
-        for k, t in enumerate(texts):
-            if LOWLINE in t:
-                out[k] = self._encode(t)
-        return out
+        return [self._encode(t) if LOWLINE in t else ids for t, ids in zip(texts, out)]
 
 
-# tiktoken: the encodings we know, where their BPE file lives upstream, their split regex, and
-# our special ids. GPT-2 keeps <|endoftext|>=50256; cl100k keeps OpenAI's 100257 and its ChatML
-# ids 100264/100265. The tiktoken pip package downloads these files on first use; we never do:
-# the file must be in tiktoken's cache (filled by any earlier tiktoken.get_encoding on a machine
-# with network) or given as a path. gpt2 shares its BPE ranks with r50k_base.
+# tiktoken: (BPE file, split regex, special ids) per encoding; OpenAI's own ids where it has them, BOS = EOS =
+# <|endoftext|> as in GPT-2. Never downloaded: the file must be in tiktoken's cache or given as a path.
 _R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 _CL100K_PAT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
                r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 _BLOB = "https://openaipublic.blob.core.windows.net/encodings/"
 TIKTOKEN_ENCODINGS = {
-    # name: (url, pattern, {special: id})  -- BOS = EOS = <|endoftext|>, as GPT-2 used it
     "gpt2": (_BLOB + "r50k_base.tiktoken", _R50K_PAT,
              {"<|endoftext|>": 50256, "<|im_start|>": 50257, "<|im_end|>": 50258, "<|pad|>": 50259}),
     "cl100k_base": (_BLOB + "cl100k_base.tiktoken", _CL100K_PAT,
@@ -241,9 +184,9 @@ class TiktokenTokenizer(Tokenizer):
         url = TIKTOKEN_ENCODINGS[enc][0]
         cached = tiktoken_cache_path(url)
         if not os.path.isfile(cached):
-            raise FileNotFoundError(
-                f"tiktoken:{enc} needs its BPE file and we are offline: download {url} and pass its path "
-                f"(named {enc}.tiktoken), or put it at {cached} (tiktoken's cache; set TIKTOKEN_CACHE_DIR to move it)")
+            raise FileNotFoundError(f"tiktoken:{enc} needs its BPE file and we are offline: download {url} and pass "
+                                    f"its path (named {enc}.tiktoken), or put it at {cached} (tiktoken's cache; "
+                                    "set TIKTOKEN_CACHE_DIR to move it)")
         return cls(cached, enc)
 
     def __init__(self, path, enc=None):
@@ -281,11 +224,8 @@ class TiktokenTokenizer(Tokenizer):
 
 
 class StreamDecoder:
-    """Incremental decode for streaming: push(id) returns only complete characters.
-
-    A Chinese character that fell back to bytes arrives as three tokens; the first two push()es
-    return "" and the third returns the character. "".join(pushes) + flush() == tok.decode(ids).
-    """
+    """Incremental decode for streaming: push(id) returns only complete characters (a character that
+    fell back to three byte tokens comes out on the third). "".join(pushes) + flush() == tok.decode(ids)."""
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
@@ -303,9 +243,8 @@ class StreamDecoder:
 
 # -- training ------------------------------------------------------------------------------------
 def _sentences(texts, max_chars=1000):
-    """Training 'sentences' for SentencePiece: texts cut into pieces of at most max_chars.
-    Not single lines: SentencePiece strips a sentence's trailing newline, so "\n" would never get
-    a token of its own; inside a piece it does."""
+    """SentencePiece 'sentences': texts cut into pieces of at most max_chars, not single lines, since
+    SentencePiece strips a sentence's trailing newline and "\n" would never get a token of its own."""
     for text in texts:
         text = text.replace(LOWLINE, " ")
         for k in range(0, len(text), max_chars):
@@ -319,42 +258,32 @@ def _read_files(files, block=1 << 20):
                 yield block_text
 
 
-def train_tokenizer(texts_or_files, vocab_size, out_path, max_sentences=500_000,
-                    character_coverage=0.9995, max_piece_length=16, seed=0, num_threads=None,
-                    verbose=False) -> Tokenizer:
-    """Train the SentencePiece BPE described at the top of this file and write out_path.
-
-    texts_or_files: a path, a list of paths of UTF-8 text files, or any iterable of strings.
-    The text is cut into pieces of up to 1000 characters and SentencePiece keeps a uniform random
-    sample (reservoir) of max_sentences of them, so memory stays bounded (~max_sentences KB) on a
-    big corpus; every piece is still read once.
-    """
+def train_tokenizer(texts_or_files, vocab_size, out_path, max_sentences=500_000, character_coverage=0.9995,
+                    seed=0) -> Tokenizer:
+    """Train the BPE described at the top of this file on a path, a list of paths of UTF-8 text files, or
+    any iterable of strings, and write out_path. SentencePiece keeps a uniform sample (reservoir) of
+    max_sentences 1000-character pieces, so memory stays bounded (~max_sentences KB) on a big corpus."""
     import sentencepiece as spm
-    if isinstance(texts_or_files, (str, os.PathLike)):
-        texts_or_files = [texts_or_files]
-    it = iter(texts_or_files)
+    it = iter([texts_or_files] if isinstance(texts_or_files, (str, os.PathLike)) else texts_or_files)
     first = next(it, None)
     if first is None:
         raise ValueError("train_tokenizer: no text given")
     items = itertools.chain([first], it)
     if isinstance(first, os.PathLike) or (isinstance(first, str) and "\n" not in first and os.path.isfile(first)):
-        texts = _read_files(items)
-    else:
-        texts = items
+        items = _read_files(items)
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(texts), model_writer=model,
+        sentence_iterator=_sentences(items), model_writer=model,
         model_type="bpe", vocab_size=vocab_size, character_coverage=character_coverage,
         byte_fallback=True, split_digits=True,
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
         split_by_whitespace=True, split_by_unicode_script=True, allow_whitespace_only_pieces=True,
-        max_sentencepiece_length=max_piece_length, max_sentence_length=8192,
+        max_sentencepiece_length=16, max_sentence_length=8192,
         input_sentence_size=max_sentences, shuffle_input_sentence=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(SPECIALS),
-        num_threads=num_threads or os.cpu_count(), minloglevel=0 if verbose else 2)
-    d = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(d, exist_ok=True)
+        num_threads=os.cpu_count(), minloglevel=2)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path + ".tmp", "wb") as f:
         f.write(model.getvalue())
     os.replace(out_path + ".tmp", out_path)
