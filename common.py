@@ -1,33 +1,10 @@
-"""What every stage shares: device and distributed setup, precision, optimizer, LR schedules,
-atomic checkpoints with exact resume, memmap batches, metrics, early stopping, loading a trained model.
+"""What the training stages share: processes and precision (setup), DDP/FSDP2 (wrap_model), AdamW and LR
+schedules, batches, atomic checkpoints with exact resume, metrics, trained models as functions, and the
+plumbing of sft.py/rm.py/dpo.py (setup_stage, Run). Stages import it; it never reads sys.argv.
 
-Stages (pretrain.py, sft.py, rm.py, dpo.py, grpo.py) use it like this, and keep their own data,
-loss and loop in view:
-
-    config = configure(globals())                        # configurator.py
-    ctx = setup(config)                                  # torchrun env, device, dtype, seed, out_dir
-    catch_signals()                                      # SIGTERM/SIGINT -> stop_requested(ctx)
-    model = wrap_model(Transformer(cfg), ctx, parallel, compile, grad_checkpointing)
-    optimizer = build_optimizer(model, lr, weight_decay, betas, ctx.device_type)
-    for step in range(start, max_steps):
-        set_lr(optimizer, get_lr(step, config))
-        for micro in range(grad_accum):
-            grad_sync(model, micro == grad_accum - 1)    # no all-reduce on accumulation micro-steps
-            with ctx.autocast:
-                _, loss = model(x, y)
-            ctx.scaler.scale(loss / grad_accum).backward()
-        grad_norm = step_optimizer(model, optimizer, ctx.scaler, grad_clip)
-        ...
-        if stop_requested(ctx):                          # every rank gathers, rank 0 writes
-            ckpt = checkpoint_state(ctx, model, optimizer, step=step + 1, ...)
-            if ctx.master: save_checkpoint(out_dir, ckpt)
-            break
-
-Nothing here reads sys.argv. Collective functions (wrap_model, checkpoint_state,
-restore_checkpoint, all_reduce_mean, stop_requested) must be called on every rank; everything that
-writes files does so on rank 0 only. Later stages and sample.py/serve.py read a finished run with
-load_model(out_dir). An output dir holds ckpt.pt (the latest checkpoint), ckpt_best.pt (best on
-validation), ckpt_<step>.pt (the last keep_last), tokenizer.model, config.json and metrics.jsonl.
+Collectives (wrap_model, checkpoint_state, restore_checkpoint, all_reduce_mean, stop_requested, Run) run
+on every rank; files are written by rank 0. An out dir holds ckpt.pt (latest), ckpt_best.pt, ckpt_<step>.pt
+(the last keep_last), tokenizer.model, config.json and metrics.jsonl; load_model(out_dir) reads it.
 """
 import json
 import math
@@ -36,7 +13,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,53 +21,38 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from data_formats import DataError, read_jsonl
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 
-# -----------------------------------------------------------------------------------------------
-# processes, devices, precision
-
-def is_master():
-    """True on rank 0 of a torchrun job, and in a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
+# -- processes, devices, precision ---------------------------------------------------------------------------
 def print0(*args, **kwargs):
-    """print() on rank 0 only, flushed (logs of a torchrun job show one copy of each line)."""
-    if is_master():
+    """print() on rank 0 only, flushed: a torchrun job's log shows each line once."""
+    if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kwargs, flush=True)
 
 
 def die(message):
-    """Stop the program with a one-line message (printed once, by rank 0) and exit status 1."""
-    if is_master():
-        print(message, file=sys.stderr, flush=True)
+    """Exit with status 1 and a one-line message, printed by rank 0."""
+    print0(message, file=sys.stderr)
     sys.exit(1)
 
 
 def _cpu_has_fast_bf16():
-    """bf16 matmuls beat fp32 on CPUs with native bf16 dot products (AVX512-BF16, AMX); without them
-    oneDNN emulates bf16 and is slower than fp32. This box: bf16 ~870 GFLOP/s vs fp32 ~215."""
+    """Native bf16 dot products (AVX512-BF16, AMX): bf16 ~870 GFLOP/s vs fp32 ~215 here; emulated, slower."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
-        return " avx512_bf16" in flags or " amx_bf16" in flags
     except OSError:
         return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def setup(config):
-    """Set up this process from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE; absent = one
-    process) and the config keys device ('auto'|'cpu'|'cuda'|'cuda:1'|'mps'), dtype
-    ('auto'|'bfloat16'|'float16'|'float32'), seed and out_dir (all optional).
-
-    Joins the process group (NCCL on CUDA, gloo on CPU), pins one GPU per local rank, seeds python,
-    numpy and torch with seed + rank, creates out_dir and writes config.json there (rank 0, atomic).
-    Returns a namespace: device, device_type, dtype (str), ptdtype, autocast (a reusable context
-    manager: bf16/fp16 autocast or a no-op), scaler (GradScaler, enabled only for float16), rank,
-    local_rank, world_size, ddp (world_size > 1), master, seed, out_dir, cpu_group (a gloo group
-    for small host-side collectives)."""
+    """This process from torchrun's env (none: one process) and config device, dtype, seed, out_dir: joins the
+    process group (NCCL on CUDA, gloo on CPU), seeds with seed + rank, writes out_dir/config.json. Returns ctx
+    (device, dtype, autocast, scaler, rank, world_size, ddp, master, cpu_group, ...)."""
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -101,7 +63,7 @@ def setup(config):
     if device_type == "cuda" and not torch.cuda.is_available():
         die("config asks device=cuda but torch sees no GPU; use --device=cpu")
     if device == "cuda":
-        device = f"cuda:{local_rank}"  # one GPU per process; a single process uses GPU 0
+        device = f"cuda:{local_rank}"  # one GPU per process
     if device_type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere+)
@@ -110,7 +72,7 @@ def setup(config):
     if world_size > 1:
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=torch.device(device) if device_type == "cuda" else None)
-        # Host-side flags (stop requested?) go over gloo so they never wait on the GPU stream.
+        # host-side flags (stop requested?) go over gloo so they never wait on the GPU stream
         cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
 
     dtype = config.get("dtype", "auto")
@@ -124,7 +86,7 @@ def setup(config):
     if dtype == "float16" and device_type != "cuda":
         die("dtype=float16 (with a GradScaler) is for GPUs without bf16; on CPU use bfloat16 or float32")
     ptdtype = getattr(torch, dtype)
-    # Mixed precision: weights, grads and optimizer state stay float32; matmuls run in bf16/fp16.
+    # mixed precision: weights, grads and optimizer state stay float32; matmuls run in bf16/fp16
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
@@ -141,11 +103,8 @@ def setup(config):
 
 
 def shutdown():
-    """Leave the process group (call once at the end of a stage; harmless without one). Drop your
-    references to the wrapped model and optimizer first (del model, optimizer): FSDP/DDP state holds
-    the process group and its last communication handles, and freeing those during interpreter
-    shutdown instead can abort the process (gloo). The barrier makes sure no rank tears down its
-    connections while another still talks to it."""
+    """Leave the process group, if any. gc first (FSDP/DDP state freed at exit can abort gloo); the barrier
+    keeps every rank's connections up until all are done."""
     if dist.is_available() and dist.is_initialized():
         import gc
         gc.collect()
@@ -168,17 +127,12 @@ def all_reduce_mean(ctx, x):
     return x / ctx.world_size
 
 
-# -----------------------------------------------------------------------------------------------
-# SIGTERM / SIGINT: finish the step, save, exit cleanly
-
 _signal_received = []
 
 
 def catch_signals():
-    """Turn SIGTERM (cluster preemption, torchrun shutting its workers down) and SIGINT (Ctrl-C) into
-    a request that stop_requested() reports at the next step boundary. A second Ctrl-C stops at once
-    (KeyboardInterrupt); further SIGTERMs are ignored, because torchrun sends one to every worker
-    right after the terminal's Ctrl-C reached them, and that must not cut the save short."""
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) become a stop request for stop_requested(). A second Ctrl-C
+    stops at once; later SIGTERMs are ignored: torchrun sends one after Ctrl-C, and the save must finish."""
     def handler(signum, frame):
         _signal_received.append(signum)
         print(f"\n[rank {os.environ.get('RANK', '0')}] got {signal.Signals(signum).name}: saving a "
@@ -190,25 +144,17 @@ def catch_signals():
 
 
 def stop_requested(ctx):
-    """True if any rank got SIGTERM/SIGINT. All ranks agree (one tiny all-reduce), so they all
-    save and stop after the same step instead of waiting on each other forever."""
+    """True if any rank got SIGTERM/SIGINT: all ranks agree, so they save and stop after the same step."""
     flag = torch.tensor([len(_signal_received)], dtype=torch.int32)
     if ctx.ddp:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
     return bool(flag.item())
 
 
-# -----------------------------------------------------------------------------------------------
-# model wrapping: DDP / FSDP2, activation checkpointing, torch.compile
-
+# -- model wrapping: DDP / FSDP2, activation checkpointing, torch.compile ------------------------------------
 def wrap_model(model, ctx, parallel="ddp", compile=False, grad_checkpointing=False):
-    """Move the model to ctx.device and prepare it for training; returns the model to call.
-
-    parallel="ddp": every rank holds the whole model, gradients are all-reduced (default).
-    parallel="fsdp": FSDP2 fully_shard on each block, then on the root: parameters, gradients and
-    optimizer state are sharded across ranks (for models whose optimizer state does not fit one GPU).
-    grad_checkpointing: each block's activations are recomputed in backward (model.grad_checkpointing).
-    compile: torch.compile the model. unwrap(returned) gives the plain Transformer back."""
+    """The model on ctx.device, ready to train: "ddp" all-reduces gradients; "fsdp" (FSDP2) shards weights,
+    grads and optimizer state per block; grad_checkpointing recomputes blocks in backward."""
     model.to(ctx.device)
     if grad_checkpointing:
         if not hasattr(model, "grad_checkpointing"):
@@ -219,9 +165,7 @@ def wrap_model(model, ctx, parallel="ddp", compile=False, grad_checkpointing=Fal
     if ctx.ddp and parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        # DDP broadcasts rank 0's weights when it wraps; fully_shard keeps each rank's own slice, so
-        # make every rank start from rank 0's initialization first.
-        for t in list(model.parameters()) + list(model.buffers()):
+        for t in list(model.parameters()) + list(model.buffers()):  # DDP broadcasts rank 0's init; FSDP does not
             dist.broadcast(t.data, src=0)
         mesh = init_device_mesh(ctx.device_type, (ctx.world_size,))
         for block in model.layers:
@@ -252,38 +196,29 @@ def is_fsdp(model):
 
 
 def grad_sync(model, enabled):
-    """Whether the next backward reduces gradients across ranks. Set it False on all but the last
-    micro-step of gradient accumulation: the gradients then add up locally and are reduced once."""
+    """False on all but the last accumulation micro-step: gradients add up locally, are reduced once."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model.require_backward_grad_sync = enabled  # what DDP.no_sync() toggles
     elif is_fsdp(model):
         unwrap(model).set_requires_gradient_sync(enabled)
 
 
+@contextmanager
 def generation_context(model):
-    """A context in which unwrap(model).generate() works on every rank: under FSDP2 it gathers the
-    root's sharded parameters first (the blocks gather their own). Call generate on ALL ranks."""
-    raw = unwrap(model)
-    if not is_fsdp(model):
-        return nullcontext()
-
-    class _Unsharded:
-        def __enter__(self):
-            raw.unshard()
-
-        def __exit__(self, *exc):
+    """Where unwrap(model).generate() works: under FSDP2 the root's parameters are gathered (call on ALL ranks)."""
+    raw = unwrap(model) if is_fsdp(model) else None
+    if raw is not None:
+        raw.unshard()
+    try:
+        yield
+    finally:
+        if raw is not None:
             raw.reshard()
-    return _Unsharded()
 
 
-# -----------------------------------------------------------------------------------------------
-# optimizer and learning-rate schedules
-
+# -- optimizer and learning-rate schedules -------------------------------------------------------------------
 def build_optimizer(model, lr, weight_decay, betas, device_type, eps=1e-8):
-    """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only (>= 2-D: linear layers,
-    embeddings) and none on norms' gains or biases, as in GPT-3/Llama. The fused kernel on CUDA and
-    CPU (one pass over the state instead of a dozen: 8 ms instead of 51 ms per step for 16M
-    parameters on one core here)."""
+    """AdamW decaying matrices only (not norms or biases), as GPT-3/Llama; fused: 8 ms vs 51 ms for 16M params."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -296,35 +231,26 @@ def set_lr(optimizer, lr):
 
 
 def step_optimizer(model, optimizer, scaler, grad_clip):
-    """Unscale (fp16), clip the global gradient norm to grad_clip (0 = no clipping), step, update the
-    scaler, zero the gradients. Returns the norm before clipping (a 0-d tensor). Without a scaler, a
-non-finite norm skips the step (weights unchanged): check the returned norm and stop."""
+    """Unscale (fp16), clip to grad_clip (0: off), step, zero grads; returns the norm before clipping. A
+    non-finite norm in fp32/bf16 skips the step (a divergence): the caller sees it and stops."""
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
     norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
     if scaler.is_enabled():
-        scaler.step(optimizer)  # skips the step when the fp16 gradients overflowed, and lowers the scale
+        scaler.step(optimizer)  # skips the step when fp16 gradients overflowed, and lowers the scale
         scaler.update()
     elif torch.isfinite(norm):
         optimizer.step()
-    # else: NaN/inf gradients in fp32/bf16 are a real divergence; the weights stay as they were and
-    # the caller sees the non-finite norm and stops.
     optimizer.zero_grad(set_to_none=True)
     return norm
 
 
-def _warmup(step, lr, warmup_steps):
-    # linear warmup: lr * (step + 1) / warmup_steps, reaching lr at step warmup_steps - 1
-    return lr * (step + 1) / warmup_steps
-
-
 def lr_cosine(step, lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup, then half a cosine from lr down to min_lr at max_steps (GPT-3, Chinchilla);
-    min_lr after that."""
+    """Linear warmup to lr, then half a cosine down to min_lr at max_steps (GPT-3, Chinchilla)."""
     if step < warmup_steps:
-        return _warmup(step, lr, warmup_steps)
+        return lr * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
@@ -332,13 +258,12 @@ def lr_cosine(step, lr, min_lr, warmup_steps, max_steps):
 
 
 def lr_wsd(step, lr, min_lr, warmup_steps, max_steps, decay_frac=0.2):
-    """Warmup-stable-decay (MiniCPM, Hu et al. 2024): linear warmup, constant lr, then a linear decay
-    to min_lr over the last decay_frac of max_steps (Hägele et al. 2024 find a 20% linear cooldown
-    matches cosine). The stable phase can be extended and decayed from any checkpoint."""
+    """Warmup-stable-decay (MiniCPM, Hu et al. 2024): lr, then linear to min_lr over the last decay_frac
+    (a 20% cooldown matches cosine, Hägele et al. 2024); the stable phase extends from any checkpoint."""
     decay_steps = max(1, int(decay_frac * max_steps))
     decay_start = max_steps - decay_steps
     if step < warmup_steps:
-        return _warmup(step, lr, warmup_steps)
+        return lr * (step + 1) / warmup_steps
     if step < decay_start:
         return lr
     if step >= max_steps:
@@ -347,10 +272,9 @@ def lr_wsd(step, lr, min_lr, warmup_steps, max_steps, decay_frac=0.2):
 
 
 def lr_sgdr(step, lr, min_lr, warmup_steps, cycle_steps, cycle_mult=1.0):
-    """SGDR (Loshchilov & Hutter 2017): linear warmup, then cosine cycles from lr to min_lr that
-    restart at lr; the first cycle lasts cycle_steps, each next one cycle_mult times longer."""
+    """SGDR (Loshchilov & Hutter 2017): cosine cycles lr -> min_lr, each cycle_mult times the last's length."""
     if step < warmup_steps:
-        return _warmup(step, lr, warmup_steps)
+        return lr * (step + 1) / warmup_steps
     t, length = step - warmup_steps, cycle_steps
     while t >= length:
         t -= length
@@ -359,11 +283,8 @@ def lr_sgdr(step, lr, min_lr, warmup_steps, cycle_steps, cycle_mult=1.0):
 
 
 def get_lr(step, config):
-    """The learning rate at `step` from the config keys lr, min_lr, warmup_steps, max_steps and
-    lr_schedule: 'cosine', 'wsd' (uses wsd_decay_frac), 'sgdr' (sgdr_cycle_steps, sgdr_cycle_mult)
-    or 'constant' (after warmup). A pure function of the step, so a resumed run gets the same lrs."""
-    c = config
-    schedule = c.get("lr_schedule", "cosine")
+    """The lr at `step` for config's lr_schedule (cosine, wsd, sgdr, constant): a pure function of the step."""
+    c, schedule = config, config.get("lr_schedule", "cosine")
     if schedule == "cosine":
         return lr_cosine(step, c["lr"], c["min_lr"], c["warmup_steps"], c["max_steps"])
     if schedule == "wsd":
@@ -372,79 +293,50 @@ def get_lr(step, config):
         return lr_sgdr(step, c["lr"], c["min_lr"], c["warmup_steps"], c.get("sgdr_cycle_steps") or c["max_steps"],
                        c.get("sgdr_cycle_mult", 1.0))
     if schedule == "constant":
-        return _warmup(step, c["lr"], c["warmup_steps"]) if step < c["warmup_steps"] else c["lr"]
+        return c["lr"] * (step + 1) / c["warmup_steps"] if step < c["warmup_steps"] else c["lr"]
     raise ValueError(f"lr_schedule must be cosine, wsd, sgdr or constant, not {schedule!r}")
 
 
-# -----------------------------------------------------------------------------------------------
-# data: random windows of the token memmaps written by prepare_data.py
-
+# -- batches -------------------------------------------------------------------------------------------------
 def get_batch(data, batch_size, seq_len, key, rank=0, world_size=1, micro_step=0, grad_accum=1, device="cpu"):
-    """(x, y) int64 tensors (batch_size, seq_len) of windows from a 1-D token array, y = x shifted by 1.
-
-    key: tuple of ints (e.g. (seed, 0, step)) seeding numpy's generator for this step's global batch
-    of world_size * grad_accum * batch_size windows; rank r's micro-step m takes rows
-    (m * world_size + r) * batch_size onwards. So every rank reads different data, a run resumed at
-    step s reads exactly what it would have, and one process with grad_accum * world_size micro-steps
-    sees the same global batch as world_size processes."""
+    """(x, y) int64 windows of a token array, y = x shifted by one. key seeds the step's global batch; rank
+    r's micro-step m takes its rows from (m * world_size + r) * batch_size: a resume reads the same."""
     n_rows = world_size * grad_accum * batch_size
     if len(data) <= seq_len + 1:
         raise ValueError(f"{len(data)} tokens are too few for windows of seq_len={seq_len}")
     starts = np.random.default_rng(key).integers(0, len(data) - seq_len - 1, size=n_rows, endpoint=True)
     row0 = (micro_step * world_size + rank) * batch_size
-    rows = np.stack([data[s:s + seq_len + 1] for s in starts[row0:row0 + batch_size]]).astype(np.int64)
-    xy = torch.from_numpy(rows)
-    if str(device).startswith("cuda"):
-        xy = xy.pin_memory().to(device, non_blocking=True)
-    else:
-        xy = xy.to(device)
+    xy = torch.from_numpy(np.stack([data[s:s + seq_len + 1] for s in starts[row0:row0 + batch_size]]).astype(np.int64))
+    xy = xy.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else xy.to(device)
     return xy[:, :-1], xy[:, 1:]
 
 
-def epoch_indices(step, per_step, n, seed):
-    """Indices into n examples for step `step`'s global batch of per_step, read from an endless stream of
-    per-epoch shuffles (epoch e shuffled by random.Random(seed + e)): a pure function of the step, so a
-    resumed run reads exactly what it would have. The example-level stages (rm.py, dpo.py) use it."""
-    out = []
+def epoch_batches(model, examples, step, batch_size, grad_accum, ctx, seed):
+    """This rank's micro-batches of step `step`, gradients synced on the last only, from an endless stream of
+    per-epoch shuffles (random.Random(seed + epoch)): a pure function of the step, so a resume reads the same."""
+    per_step, ids = batch_size * grad_accum * ctx.world_size, []
     for i in range(step * per_step, (step + 1) * per_step):
-        epoch, k = divmod(i, n)
-        if k == 0 or not out:
-            order = list(range(n))
+        epoch, k = divmod(i, len(examples))
+        if k == 0 or not ids:
+            order = list(range(len(examples)))
             random.Random(seed + epoch).shuffle(order)
-        out.append(order[k])
-    return out
+        ids.append(order[k])
+    for micro in range(grad_accum):
+        grad_sync(model, micro == grad_accum - 1)
+        yield [examples[i] for i in ids[(micro * ctx.world_size + ctx.rank) * batch_size:][:batch_size]]
 
-# -----------------------------------------------------------------------------------------------
-# checkpoints: plain tensors and builtins, atomic writes, exact resume
 
+# -- checkpoints: plain tensors and builtins, atomic writes, exact resume ------------------------------------
 def write_json(path, obj):
-    """Write JSON atomically (temp file + os.replace); tuples become lists."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    """JSON, written atomically (temp file + os.replace)."""
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
         f.write("\n")
-    os.replace(tmp, path)
-
-
-def atomic_save(obj, path):
-    """torch.save to path + '.tmp', fsync, os.replace onto path. If anything fails (a full disk),
-    the temp file is removed and whatever was at path before is untouched."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path) or ".")
+    os.replace(path + ".tmp", path)
 
 
 def _fsync_dir(path):
-    try:  # make the rename itself durable (POSIX); not possible on every OS
+    try:  # makes a rename durable (POSIX); not possible on every OS
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -455,8 +347,7 @@ def _fsync_dir(path):
 
 
 def _publish(src, dst):
-    """Make dst name the same file as src, atomically: a hard link (no copy), or a copy where the
-    filesystem has no hard links."""
+    """Point dst at src's file atomically: a hard link (no copy), or a copy without hard links."""
     tmp = dst + ".tmp"
     if os.path.exists(tmp):
         os.remove(tmp)
@@ -469,8 +360,7 @@ def _publish(src, dst):
 
 
 def rng_state():
-    """This process's python, numpy, torch and CUDA RNG states as tensors, lists and numbers
-    (weights_only-loadable)."""
+    """This process's python, numpy, torch and CUDA RNG states, weights_only-loadable."""
     py = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [py[0], list(py[1]), py[2]],
@@ -497,13 +387,10 @@ def _state_dict_options(**kw):
 
 
 def checkpoint_state(ctx, model, optimizer=None, **extra):
-    """Everything a resume needs, gathered to rank 0 as plain CPU tensors: model weights (full, also
-    under FSDP), optimizer state keyed by parameter name, every rank's RNG states, plus the extra
-    items (step, config, model_config, data position, ...). Collective: call on every rank.
-    Returns the dict on rank 0 and None elsewhere."""
+    """What a resume needs, as CPU tensors on rank 0 (None elsewhere): full weights, optimizer state by name,
+    every rank's RNG states, plus extra (step, config, ...)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    raw = unwrap(model)
-    opts = _state_dict_options(cpu_offload=True)
+    raw, opts = unwrap(model), _state_dict_options(cpu_offload=True)
     ckpt = {"model": get_model_state_dict(raw, options=opts)}
     if optimizer is not None:
         ckpt["optimizer"] = get_optimizer_state_dict(raw, optimizer, options=opts)
@@ -517,16 +404,23 @@ def checkpoint_state(ctx, model, optimizer=None, **extra):
 
 
 def save_checkpoint(out_dir, ckpt, keep_last=2, is_best=False):
-    """Write ckpt (from checkpoint_state; needs ckpt['step']) as out_dir/ckpt_<step>.pt atomically,
-    then point ckpt.pt (and ckpt_best.pt if is_best) at it and delete all but the newest keep_last
-    step files. On rank 0 only. If the write fails (disk full), the previous checkpoints are intact
-    and the error says so."""
+    """ckpt as out_dir/ckpt_<step>.pt (temp file, fsync, rename), linked as ckpt.pt (and ckpt_best.pt);
+    the newest keep_last step files are kept."""
     path = os.path.join(out_dir, f"ckpt_{ckpt['step']:08d}.pt")
     try:
-        atomic_save(ckpt, path)
-    except OSError as e:
-        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); the previous checkpoint "
-                      f"{os.path.join(out_dir, 'ckpt.pt')} is unchanged") from e
+        with open(path + ".tmp", "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException as e:  # a full disk: no temp file left, the previous checkpoints untouched
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); the previous checkpoint "
+                          f"{os.path.join(out_dir, 'ckpt.pt')} is unchanged") from e
+        raise
+    _fsync_dir(out_dir)
     _publish(path, os.path.join(out_dir, "ckpt.pt"))
     if is_best:
         _publish(path, os.path.join(out_dir, "ckpt_best.pt"))
@@ -538,7 +432,7 @@ def save_checkpoint(out_dir, ckpt, keep_last=2, is_best=False):
 
 
 def load_checkpoint(path):
-    """torch.load(path, weights_only=True) onto the CPU (memory-mapped), with one-line errors."""
+    """torch.load(path or path/ckpt.pt, weights_only=True), memory-mapped on the CPU, with one-line errors."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
@@ -550,23 +444,19 @@ def load_checkpoint(path):
         die(f"{path} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
 
 
-MODEL_SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
-
-
 def check_model_config(saved, wanted, where):
-    """die() with one line listing the differences if the model shape in a checkpoint (saved, a dict)
-    differs from the one the config asks for (wanted, a dict); keys absent from wanted are ignored."""
+    """Exit with one line naming them if the saved model shape differs from the wanted one's keys."""
     full = ModelConfig.from_dict(wanted).to_dict()  # fills in the derived ffn_dim
-    diff = [f"{k}={saved.get(k)!r} (config says {full[k]!r})"
-            for k in MODEL_SHAPE_KEYS if k in wanted and saved.get(k) != full[k]]
+    diff = [f"{k}={saved.get(k)!r} (config says {full[k]!r})" for k in
+            ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
+            if k in wanted and saved.get(k) != full[k]]
     if diff:
         die(f"{where} holds a model of another shape: {', '.join(diff)}; use a new out_dir, "
             f"init_from='scratch', or the config that trained it")
 
 
 def restore_checkpoint(ctx, model, optimizer, ckpt):
-    """Load weights, optimizer state and this rank's RNG states from a checkpoint_state dict into a
-    wrapped model (DDP or FSDP2; every rank passes the full checkpoint). Collective under FSDP."""
+    """Weights, optimizer state and this rank's RNG states from checkpoint_state's dict, on every rank."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     raw = unwrap(model)
     try:
@@ -584,9 +474,7 @@ def restore_checkpoint(ctx, model, optimizer, ckpt):
 
 
 def load_model(out_dir, device="cpu", name="ckpt.pt"):
-    """A trained model from an output dir, for later stages (init_from), sample.py and serve.py.
-    Returns (model in eval mode on device, Tokenizer from out_dir, checkpoint dict without the
-    'model' and 'optimizer' tensors: step, config, model_config, ...)."""
+    """(model in eval mode, tokenizer, checkpoint without 'model' and 'optimizer') of a trained out dir."""
     path = os.path.join(out_dir, name)
     ckpt = load_checkpoint(path)
     if "model_config" not in ckpt:
@@ -604,29 +492,22 @@ def load_model(out_dir, device="cpu", name="ckpt.pt"):
     return model.to(device).eval(), tokenizer, ckpt
 
 
+# -- metrics -------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def copy_probe(model, tok, n=16, length=40, seed=0):
-    """How well a model copies from its context: the share of the second copy of a repeated random
-    sequence (BOS, then `length` random ordinary tokens, twice) that it predicts greedily, leaving out the
-    copy's first token (nothing before it says what comes next). That is the signature of induction heads
-    (Olsson et al. 2022), the circuit that reads a value out of a source: ~0 for a model that cannot copy
-    from its context, near 1 for one that can. pretrain.py logs it at every evaluation.
-    Run it on a model in eval mode (dropout off), as load_model returns it."""
+    """Share of the second copy of a random sequence (BOS, seq, seq) an eval-mode model predicts greedily (its
+    first token left out): induction heads (Olsson et al. 2022), ~0 for a model that cannot copy, ~1 if it can."""
     length = min(length, (model.cfg.max_seq_len - 1) // 2)
     if length < 2:
         raise ValueError(f"max_seq_len {model.cfg.max_seq_len} is too short for the copy probe (needs 5)")
     vocab = min(tok.vocab_size, model.cfg.vocab_size)
     ordinary = torch.tensor([i for i in range(vocab) if tok.token_bytes(i)])  # no special ids
-    g = torch.Generator().manual_seed(seed)
-    seq = ordinary[torch.randint(len(ordinary), (n, length), generator=g)]
+    seq = ordinary[torch.randint(len(ordinary), (n, length), generator=torch.Generator().manual_seed(seed))]
     x = torch.cat([torch.full((n, 1), tok.bos_id), seq, seq], 1)
     logits, _ = model(x.to(model.tok_embeddings.weight.device))
-    # logits at position p predict token p + 1: the copy's tokens 1.. sit at length + 2.., so positions length + 1..
+    # logits at p predict token p + 1: the copy's tokens 1.. sit at length + 2.., so positions length + 1..
     return (logits[:, length + 1:-1].argmax(-1).cpu() == seq[:, 1:]).float().mean().item()
 
-
-# -----------------------------------------------------------------------------------------------
-# metrics, throughput, early stopping
 
 def measure_matmul_peak(device, dtype, n=None, seconds=0.5):
     """FLOP/s of a big square matmul in dtype on device, timed here: the peak MFU is quoted against."""
@@ -649,19 +530,34 @@ def measure_matmul_peak(device, dtype, n=None, seconds=0.5):
 
 
 def format_duration(seconds):
-    seconds = int(max(0, seconds))
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+    m, s = divmod(int(max(0, seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+LOG_FORMATS = {"lr": lambda v: f"lr {v:.2e}", "grad_norm": lambda v: f"gnorm {v:.3f}",
+               "tok_per_s": lambda v: f"{v / 1000:.1f}k tok/s", "mfu": lambda v: f"MFU {100 * v:.1f}%",
+               "step_ms": lambda v: f"{v:.0f}ms/step", "eta_s": lambda v: f"ETA {format_duration(v)}"}
+
+
+def format_metrics(r):
+    """'step 120/2000 | loss 3.1416 | lr 6.0e-04 | gnorm 0.91 | 5.1k tok/s | MFU 58.3% | ETA 4m10s'."""
+    parts = []
+    for k, v in r.items():
+        if k == "step":
+            parts.append(f"step {v}" + (f"/{r['max_steps']}" if "max_steps" in r else ""))
+        elif k in LOG_FORMATS:
+            parts.append(LOG_FORMATS[k](v))
+        elif k != "max_steps":
+            parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)
 
 
 class MetricsLogger:
-    """Appends one JSON object per call to out_dir/metrics.jsonl (rank 0) and prints a readable line.
-    A fresh run truncates the file; a resumed run (resume_step) keeps the records up to that step and
-    drops the ones a killed run wrote after its last checkpoint."""
+    """Records appended to out_dir/metrics.jsonl and printed. A resumed run (resume_step) drops the records
+    written after its checkpoint; a fresh one starts an empty file."""
 
     def __init__(self, out_dir, enabled=True, resume_step=None):
-        self.enabled = enabled
-        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.enabled, self.path = enabled, os.path.join(out_dir, "metrics.jsonl")
         if not enabled:
             return
         kept = []
@@ -680,38 +576,9 @@ class MetricsLogger:
             print(format_metrics(record), flush=True)
 
 
-def format_metrics(r):
-    """'step 120/2000 | loss 3.1416 | lr 6.0e-04 | gnorm 0.91 | 5.1k tok/s | MFU 58.3% | ETA 4m10s'
-    from a record dict; keys it does not know are shown as 'key value'."""
-    parts = []
-    for k, v in r.items():
-        if k == "step":
-            parts.append(f"step {v}" + (f"/{r['max_steps']}" if "max_steps" in r else ""))
-        elif k == "max_steps":
-            continue
-        elif k == "lr":
-            parts.append(f"lr {v:.2e}")
-        elif k == "grad_norm":
-            parts.append(f"gnorm {v:.3f}")
-        elif k == "tok_per_s":
-            parts.append(f"{v / 1000:.1f}k tok/s")
-        elif k == "mfu":
-            parts.append(f"MFU {100 * v:.1f}%")
-        elif k == "step_ms":
-            parts.append(f"{v:.0f}ms/step")
-        elif k == "eta_s":
-            parts.append(f"ETA {format_duration(v)}")
-        elif isinstance(v, float):
-            parts.append(f"{k} {v:.4f}")
-        else:
-            parts.append(f"{k} {v}")
-    return " | ".join(parts)
-
-
 class EarlyStopping:
-    """Tracks the best validation loss. update(loss) -> (is_best, should_stop): should_stop once
-    `patience` evaluations in a row failed to beat the best by more than min_delta (patience 0:
-    never stop). state_dict()/load_state_dict() carry it through a resume."""
+    """update(val_loss) -> (is_best, should_stop): stop after `patience` (0: never) evaluations in a row
+    that did not beat the best by more than min_delta."""
 
     def __init__(self, patience=0, min_delta=0.0):
         self.patience, self.min_delta = patience, min_delta
@@ -731,20 +598,15 @@ class EarlyStopping:
         self.best, self.bad_evals = d["best"], d["bad_evals"]
 
 
-# -----------------------------------------------------------------------------------------------
-# chat models as functions: greedy replies (sft.py, dpo.py evals) and a reward model (rm.py -> grpo.py)
-
+# -- chat models as functions: greedy replies, a reward model (rm.py -> grpo.py) -----------------------------
 @torch.no_grad()
 def generate_replies(model, tokenizer, conversations, max_new_tokens=64, batch_size=64, temperature=0.0,
                      generator=None):
-    """The model's reply (text) to each conversation, a list of messages ending with a user turn;
-    greedy unless temperature > 0. model is a plain Transformer (unwrap(model); under FSDP call it on
-    every rank inside generation_context). A prompt too long for max_seq_len - max_new_tokens keeps
-    BOS and its last tokens."""
+    """The reply to each conversation, greedy unless temperature > 0, by a plain Transformer (under FSDP: on
+    every rank, in generation_context). A prompt too long keeps BOS and its last tokens."""
     was_training = model.training
     model.eval()
-    limit = model.cfg.max_seq_len - max_new_tokens
-    replies = []
+    limit, replies = model.cfg.max_seq_len - max_new_tokens, []
     for i in range(0, len(conversations), batch_size):
         prompts = [tokenizer.render_chat(m, add_generation_prompt=True)[0] for m in conversations[i:i + batch_size]]
         prompts = [p if len(p) <= limit else p[:1] + p[len(p) - limit + 1:] for p in prompts]
@@ -760,13 +622,8 @@ def generate_replies(model, tokenizer, conversations, max_new_tokens=64, batch_s
 
 
 def load_reward_fn(out_dir, device="cpu", batch_size=32):
-    """score(conversations) for a reward model trained by rm.py: a list of messages (prompt turns and
-    the assistant reply to judge, last) -> float, or a list of such conversations -> list of floats.
-
-    rm.py stores the transformer's weights plus reward_head.weight (1, dim) and reward_head.bias (1,);
-    the reward is reward_head(h) where h is the final hidden state at the last token of the rendered
-    conversation (render_chat without a generation prompt). A conversation longer than max_seq_len
-    keeps BOS and its last tokens."""
+    """score(messages) -> float (or a list of them -> floats) by rm.py's model: reward_head (dim -> 1) on the
+    final hidden state of the rendered conversation's last token, as rm.RewardModel computes it."""
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt = load_checkpoint(path)
     state = dict(ckpt["model"])
@@ -777,14 +634,12 @@ def load_reward_fn(out_dir, device="cpu", batch_size=32):
     head.load_state_dict({"weight": state.pop("reward_head.weight"), "bias": state.pop("reward_head.bias")})
     model = Transformer(cfg)
     model.load_state_dict(state)
-    model, head = model.to(device).eval(), head.to(device).eval()
-    tokenizer = Tokenizer.load(out_dir)
+    model, head, tokenizer = model.to(device).eval(), head.to(device).eval(), Tokenizer.load(out_dir)
 
     @torch.no_grad()
     def score(conversations):
         single = bool(conversations) and isinstance(conversations[0], dict)
-        convs = [conversations] if single else conversations
-        rewards = []
+        convs, rewards = [conversations] if single else conversations, []
         for i in range(0, len(convs), batch_size):
             seqs = [tokenizer.render_chat(m)[0] for m in convs[i:i + batch_size]]
             seqs = [s if len(s) <= cfg.max_seq_len else s[:1] + s[len(s) - cfg.max_seq_len + 1:] for s in seqs]
@@ -796,3 +651,117 @@ def load_reward_fn(out_dir, device="cpu", batch_size=32):
             rewards += head(h).squeeze(-1).float().tolist()
         return rewards[0] if single else rewards
     return score
+
+
+# -- a fine-tuning stage's plumbing: sft.py, rm.py and dpo.py ------------------------------------------------
+def setup_stage(config, **model_config):
+    """setup(config), signals caught, and where the stage starts: the checkpoint of init_from (out_dir's own
+    when init_from='resume'), its ModelConfig with model_config changed, and its tokenizer."""
+    ctx = setup(config)
+    catch_signals()
+    src = config["out_dir"] if config["init_from"] == "resume" else config["init_from"]
+    ckpt = load_checkpoint(src)
+    return ctx, ckpt, ModelConfig.from_dict({**ckpt["model_config"], **model_config}), Tokenizer.load(src)
+
+
+def read_data(kind, *paths):
+    """read_jsonl(path, kind) for each path (data_formats), or exit with its one-line error."""
+    try:
+        return [read_jsonl(path, kind, log=print0) for path in paths]
+    except DataError as e:
+        die(str(e))
+
+
+def check_pairs(train, dev, too_long, max_len):
+    """Say how many preference pairs are used and how many (train, dev) were too long; exit if none are left."""
+    print0(f"pairs: {len(train)} train, {len(dev)} dev; skipped as longer than {max_len} tokens: {too_long[0]} "
+           f"train, {too_long[1]} dev (identical pairs are counted in the 'lines skipped' above)")
+    if not train or not dev:
+        die("no usable pairs left; raise max_seq_len or check the data")
+
+
+def answer_accuracy(model, tokenizer, chats, max_new_tokens, limit=0):
+    """Share of the chats ending with an assistant reply (the first `limit`; 0: all) that the model answers
+    greedily with exactly that reply, and (question, reply, reference) triples. Call it on every rank."""
+    qa = [(c["messages"][:-1], c["messages"][-1]["content"]) for c in chats if c["messages"][-1]["role"] == "assistant"]
+    qa = qa[:limit or None]
+    with generation_context(model):
+        replies = generate_replies(unwrap(model), tokenizer, [m for m, _ in qa], max_new_tokens)
+    correct = sum(r.strip() == a.strip() for r, (_, a) in zip(replies, qa))
+    return correct / max(1, len(qa)), [(m[-1]["content"], r, a) for r, (m, a) in zip(replies, qa)]
+
+
+@torch.no_grad()
+def dev_means(model, ctx, dev, batch_size, stats):
+    """Means over all dev examples of stats(batch), a 1-D tensor of batch means, in eval mode. Rank r takes
+    every world_size-th batch; past the end it runs example 0 with weight 0 (FSDP needs equal forward counts)."""
+    model.eval()
+    sums = 0
+    for start in range(0, len(dev), batch_size * ctx.world_size):
+        real = dev[start + ctx.rank * batch_size:start + (ctx.rank + 1) * batch_size]
+        sums = sums + stats(real or dev[:1]) * len(real)
+    model.train()
+    return (all_reduce_mean(ctx, sums) * ctx.world_size / len(dev)).tolist()
+
+
+class Run:
+    """The books of a fine-tuning stage's loop. Wraps the model and builds its AdamW (run.model,
+    run.optimizer; restored when init_from='resume'); steps() evaluates, logs and checkpoints; log() logs a
+    training step. The best checkpoint has the lowest record[best] (the highest with maximize)."""
+
+    def __init__(self, ctx, config, model, ckpt, model_cfg, tokenizer, best="dev_loss", maximize=False, **extra):
+        c = self.config = config
+        self.ctx, self.best_key, self.maximize, self.resume = ctx, best, maximize, c["init_from"] == "resume"
+        self.model = wrap_model(model, ctx, c["parallel"], c["compile"])
+        self.optimizer = build_optimizer(self.model, c["lr"], c["weight_decay"], (c["beta1"], c["beta2"]),
+                                         ctx.device_type)
+        self.start_step, self.best = 0, -math.inf if maximize else math.inf
+        if self.resume:
+            restore_checkpoint(ctx, self.model, self.optimizer, ckpt)
+            self.start_step, self.best = ckpt["step"], ckpt["best"]
+            print0(f"resumed from {c['out_dir']} at step {self.start_step}")
+        if ctx.master:
+            tokenizer.save(c["out_dir"])
+        self.logger = MetricsLogger(c["out_dir"], ctx.master, resume_step=self.start_step if self.resume else None)
+        self.meta = dict(config=config, model_config=model_cfg.to_dict(), tokenizer=tokenizer.name, **extra)
+
+    def save(self, step, is_best=False):
+        ckpt = checkpoint_state(self.ctx, self.model, self.optimizer, step=step, **self.meta, best=self.best)
+        if self.ctx.master:
+            save_checkpoint(self.config["out_dir"], ckpt, self.config["keep_last"], is_best)
+
+    def steps(self, evaluate):
+        """The steps to train, start_step to max_steps - 1. Before every eval_interval-th and after the last,
+        evaluate() -> dict of dev metrics, logged and (after the first) checkpointed. SIGTERM: save and stop."""
+        c, start = self.config, self.start_step
+        self.t0, self.timed = time.perf_counter(), 0
+        for step in range(start, c["max_steps"] + 1):
+            if (step % c["eval_interval"] == 0 or step == c["max_steps"]) and not (self.resume and step == start):
+                record = evaluate()
+                self.logger.log({"step": step, **record})
+                value = record[self.best_key]
+                is_best = value > self.best if self.maximize else value < self.best
+                self.best = max(self.best, value) if self.maximize else min(self.best, value)
+                if step > start:
+                    self.save(step, is_best)
+                self.t0, self.timed = time.perf_counter(), 0  # evaluation time is not training throughput
+            if step == c["max_steps"]:
+                return
+            yield step
+            if stop_requested(self.ctx):
+                self.save(step + 1)
+                print0(f"stopped after step {step + 1}; continue with --init_from=resume")
+                return
+
+    def log(self, step, record, lr, grad_norm, tokens=0):
+        """After step `step`: exit on a non-finite record['loss']; every log_interval steps (and the first) log
+        record with lr, gradient norm, time per step, and tokens/s given the tokens of a step."""
+        if not math.isfinite(record["loss"]):
+            die(f"loss {record['loss']} at step {step + 1}: training diverged; try a lower lr")
+        self.timed += 1
+        if (step + 1) % self.config["log_interval"] == 0 or step == self.start_step:
+            dt = (time.perf_counter() - self.t0) / self.timed
+            speed = {"tok_per_s": tokens / dt} if tokens else {}
+            self.logger.log({"step": step + 1, "max_steps": self.config["max_steps"], **record, "lr": lr,
+                             "grad_norm": grad_norm.item(), **speed, "step_ms": 1000 * dt})
+            self.t0, self.timed = time.perf_counter(), 0

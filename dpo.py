@@ -28,19 +28,16 @@ answers, not for open-ended ones, where self_play=0 is the safe setting. The pai
 out_dir/self_play.jsonl, and a resumed run reads them back.
 
 The implicit reward of a reply is beta * (lp - ref); like TRL we log rewards/chosen, rewards/rejected,
-rewards/accuracies (chosen reward > rejected) and rewards/margins, on training batches and on the dev
-pairs. Also on the dev pairs: likelihood_acc, how often the policy alone prefers the chosen reply
-(lp_c > lp_r; at step 0 that is the SFT model's preference accuracy, the baseline); answer_acc,
-greedy replies to answer_data's chats matched exactly, to see that preference training does not hurt
-answering; and refusal_acc, the same on refusal_data (the demo: "I don't know." to questions about
-strangers held out of the pairs, the behaviour the demo's pairs teach). Identical and over-long pairs
-are counted and skipped.
+rewards/accuracies (chosen reward > rejected) and rewards/margins, on training batches and dev pairs.
+On the dev data also: likelihood_acc (the policy alone prefers chosen, lp_c > lp_r; at step 0 the SFT
+model's, the baseline), answer_acc (greedy replies to answer_data's chats matched exactly: preference
+training must not hurt answering) and refusal_acc (the same on refusal_data; the demo: "I don't know." to
+strangers held out of the pairs, what its pairs teach). Identical and over-long pairs are counted and skipped.
 Reads init_from/{ckpt.pt, tokenizer.model}, data, dev_data, answer_data; writes out_dir/{ckpt.pt,
 ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl, self_play.jsonl}. SIGTERM or Ctrl-C saves
 and exits; --init_from=resume continues exactly where it stopped, against the same reference.
 """
 import json
-import math
 import os
 import time
 
@@ -48,14 +45,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die,
-                    epoch_indices, generate_replies, generation_context, get_lr, grad_sync, load_checkpoint, print0,
-                    restore_checkpoint, save_checkpoint, set_lr, setup, shutdown, step_optimizer, stop_requested,
-                    unwrap, wrap_model)
+from common import (Run, all_reduce_mean, answer_accuracy, check_pairs, die, dev_means, epoch_batches,
+                    generate_replies, get_lr, load_checkpoint, print0, read_data, set_lr, setup_stage, shutdown,
+                    step_optimizer)
 from configurator import configure
-from data_formats import DataError, read_jsonl
-from model import IGNORE_INDEX, ModelConfig, Transformer
-from tokenizer import Tokenizer
+from model import IGNORE_INDEX, Transformer
 
 # -----------------------------------------------------------------------------------------------
 # config
@@ -76,7 +70,7 @@ grad_accum = 1
 lr = 5e-5                # the demo: refusals to held-out strangers +5 points, answers not below SFT's (README)
 min_lr = 5e-6
 weight_decay = 0.0
-beta1 = 0.9
+beta1 = 0.9              # AdamW's betas (DPO's is `beta` above)
 beta2 = 0.95
 grad_clip = 1.0
 lr_schedule = "cosine"
@@ -86,7 +80,7 @@ eval_interval = 50
 eval_answers = 0         # answer_data chats to score (0: all)
 answer_tokens = 64
 log_interval = 10
-keep_last = 1
+keep_last = 1            # step checkpoints kept; ckpt_best.pt holds the highest dev rewards/accuracies
 device = "auto"
 dtype = "auto"
 compile = False
@@ -174,35 +168,26 @@ def self_play_pairs(ref, tokenizer, pairs, n, max_new_tokens, ctx, seed):
 
 def main():
     config = configure(globals())
-    ctx = setup(config)
-    catch_signals()
-
-    # policy and reference: both the SFT model; dropout off in both
+    ctx, ckpt, model_cfg, tokenizer = setup_stage(config, dropout=0.0)  # dropout off in policy and reference
     resume = init_from == "resume"
-    src = out_dir if resume else init_from
-    ckpt = load_checkpoint(src)
-    model_cfg = ModelConfig.from_dict({**ckpt["model_config"], "dropout": 0.0})
-    tokenizer = Tokenizer.load(src)
-    model, ref = Transformer(model_cfg), Transformer(model_cfg)
-    ref_src = ckpt["reference"] if resume else src  # a resumed run keeps the reference it started from
+    model, ref = Transformer(model_cfg), Transformer(model_cfg)  # both the SFT model
+    ref_src = ckpt["reference"] if resume else init_from  # a resumed run keeps the reference it started from
     ref.load_state_dict(load_checkpoint(ref_src)["model"] if resume else ckpt["model"])
     ref.to(ctx.device).eval().requires_grad_(False)
     if not resume:
         model.load_state_dict(ckpt["model"])
-        print0(f"policy and reference from {src} (step {ckpt['step']}), {model.num_params() / 1e6:.2f}M parameters each")
+        print0(f"policy and reference from {init_from} (step {ckpt['step']}), "
+               f"{model.num_params() / 1e6:.2f}M parameters each")
 
-    try:
-        train_pairs, dev_pairs = read_jsonl(data, "pairs", log=print0), read_jsonl(dev_data, "pairs", log=print0)
-        chats = {key: read_jsonl(path, "sft", log=print0) for key, path in
-                 (("answer_acc", answer_data), ("refusal_acc", refusal_data)) if path}
-    except DataError as e:
-        die(str(e))
+    train_pairs, dev_pairs = read_data("pairs", data, dev_data)
+    answer_paths = {key: path for key, path in (("answer_acc", answer_data), ("refusal_acc", refusal_data)) if path}
+    chats = dict(zip(answer_paths, read_data("sft", *answer_paths.values())))
     if self_play:
         path = os.path.join(out_dir, "self_play.jsonl")
         if resume:
             if not os.path.isfile(path):
                 die(f"{path} is missing: the run being resumed did not use self-play; resume it with --self_play=0")
-            extra = read_jsonl(path, "pairs", log=print0)
+            extra = read_data("pairs", path)[0]
         else:
             t0 = time.perf_counter()
             extra, drawn = self_play_pairs(ref, tokenizer, train_pairs, self_play, answer_tokens, ctx, seed)
@@ -216,26 +201,10 @@ def main():
         train_pairs = train_pairs + extra
     train, dev = ([e for e in (encode_pair(tokenizer, p, model_cfg.max_seq_len) for p in ps) if e]
                   for ps in (train_pairs, dev_pairs))
-    print0(f"pairs: {len(train)} train, {len(dev)} dev; skipped as longer than {model_cfg.max_seq_len} tokens: "
-           f"{len(train_pairs) - len(train)} train, {len(dev_pairs) - len(dev)} dev "
-           f"(identical pairs are counted in the 'lines skipped' above)")
-    if not train or not dev:
-        die("no usable pairs left; raise max_seq_len or check the data")
-    scored = {key: [(c["messages"][:-1], c["messages"][-1]["content"]) for c in cs
-                    if c["messages"][-1]["role"] == "assistant"][:eval_answers or None] for key, cs in chats.items()}
-
-    model = wrap_model(model, ctx, parallel, compile)
-    optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
-    start_step, best = 0, -1.0  # best: the highest dev rewards/accuracies so far (ckpt_best.pt)
-    if resume:
-        restore_checkpoint(ctx, model, optimizer, ckpt)
-        start_step, best = ckpt["step"], ckpt["best"]
-        print0(f"resumed from {out_dir} at step {start_step}")
-    ckpt = None
-    if ctx.master:
-        tokenizer.save(out_dir)
-    logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
-    pairs_per_step = batch_size * grad_accum * ctx.world_size
+    check_pairs(train, dev, (len(train_pairs) - len(train), len(dev_pairs) - len(dev)), model_cfg.max_seq_len)
+    run = Run(ctx, config, model, ckpt, model_cfg, tokenizer, best="dev_rewards/accuracies", maximize=True,
+              reference=ref_src)
+    model, optimizer, ckpt = run.model, run.optimizer, None
 
     def forward(batch):
         """The pairs' DPO loss and statistics, from the summed reply log-probs of the policy (with
@@ -250,73 +219,30 @@ def main():
                                chosen_tokens=(y[:n] != IGNORE_INDEX).sum(-1))
         return loss, stats, (lp[:n] > lp[n:]).float().mean()
 
-    @torch.no_grad()
     def evaluate():
-        """DPO statistics over every dev pair; 'likelihood_acc': the policy alone prefers chosen
-        (lp_c > lp_r, the SFT model's preference accuracy at step 0); answer and refusal accuracy."""
-        model.eval()
-        sums = torch.zeros(6, device=ctx.device)
-        for start in range(0, len(dev), batch_size * ctx.world_size):
-            ids = range(start + ctx.rank * batch_size, start + (ctx.rank + 1) * batch_size)
-            real = [dev[i] for i in ids if i < len(dev)]
-            loss, stats, likelihood_acc = forward(real or dev[:1])  # a rank past the end runs pair 0 with weight 0
-            sums += torch.stack([loss, *stats.values(), likelihood_acc]) * len(real)
-        replies = {}
-        with generation_context(model):
-            for key, qa in scored.items():
-                replies[key] = generate_replies(unwrap(model), tokenizer, [m for m, _ in qa], answer_tokens)
-        model.train()
-        sums = (all_reduce_mean(ctx, sums) * ctx.world_size / len(dev)).tolist()
+        """DPO statistics and likelihood_acc over every dev pair; answer and refusal accuracy."""
+        def dev_stats(batch):
+            loss, stats, likelihood_acc = forward(batch)
+            return torch.stack([loss, *stats.values(), likelihood_acc])
         keys = ["dev_loss", "dev_rewards/chosen", "dev_rewards/rejected", "dev_rewards/accuracies",
                 "dev_rewards/margins", "dev_likelihood_acc"]
-        record = dict(zip(keys, sums))
-        for key, qa in scored.items():
-            record[key] = sum(r.strip() == a.strip() for r, (_, a) in zip(replies[key], qa)) / max(1, len(qa))
+        record = dict(zip(keys, dev_means(model, ctx, dev, batch_size, dev_stats)))
+        for key, cs in chats.items():
+            record[key] = answer_accuracy(model, tokenizer, cs, answer_tokens, eval_answers)[0]
         return record
 
-    def save(step, is_best=False):
-        ck = checkpoint_state(ctx, model, optimizer, step=step, config=config, model_config=model_cfg.to_dict(),
-                              tokenizer=tokenizer.name, reference=ref_src, best=best)
-        if ctx.master:
-            save_checkpoint(out_dir, ck, keep_last, is_best)
-
     # -------------------------------------------------------------------------------------------
-    t0, timed = time.perf_counter(), 0
-    for step in range(start_step, max_steps + 1):
-        if (step % eval_interval == 0 or step == max_steps) and not (resume and step == start_step):
-            record = evaluate()
-            logger.log({"step": step, **record})
-            acc = record["dev_rewards/accuracies"]
-            is_best, best = acc > best, max(best, acc)
-            if step > start_step:
-                save(step, is_best)
-            t0, timed = time.perf_counter(), 0
-        if step == max_steps:
-            break
+    # training loop (run.steps evaluates, checkpoints, and saves and stops on SIGTERM)
+    for step in run.steps(evaluate):
         lr_now = get_lr(step, config)
         set_lr(optimizer, lr_now)
-        ids = epoch_indices(step, pairs_per_step, len(train), seed)
         sums = torch.zeros(5, device=ctx.device)
-        for micro in range(grad_accum):
-            mine = ids[(micro * ctx.world_size + ctx.rank) * batch_size:][:batch_size]
-            grad_sync(model, micro == grad_accum - 1)
-            loss, stats, _ = forward([train[i] for i in mine])
+        for batch in epoch_batches(model, train, step, batch_size, grad_accum, ctx, seed):
+            loss, stats, _ = forward(batch)
             ctx.scaler.scale(loss / grad_accum).backward()
             sums += torch.stack([loss.detach(), *stats.values()]) / grad_accum
         grad_norm = step_optimizer(model, optimizer, ctx.scaler, grad_clip)
-        record = dict(zip(["loss", *stats], all_reduce_mean(ctx, sums).tolist()))
-        if not math.isfinite(record["loss"]):
-            die(f"loss {record['loss']} at step {step + 1}: training diverged; try a lower lr")
-        timed += 1
-        if (step + 1) % log_interval == 0 or step == start_step:
-            dt = (time.perf_counter() - t0) / timed
-            logger.log({"step": step + 1, "max_steps": max_steps, **record, "lr": lr_now,
-                        "grad_norm": grad_norm.item(), "step_ms": 1000 * dt})
-            t0, timed = time.perf_counter(), 0
-        if stop_requested(ctx):
-            save(step + 1)
-            print0(f"stopped after step {step + 1}; continue with --init_from=resume")
-            break
+        run.log(step, dict(zip(["loss", *stats], all_reduce_mean(ctx, sums).tolist())), lr_now, grad_norm)
     shutdown()
 
 

@@ -27,19 +27,15 @@ common.load_reward_fn(out_dir) -> score(messages) -> float. SIGTERM or Ctrl-C sa
 --init_from=resume continues exactly where it stopped.
 """
 import math
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die,
-                    epoch_indices, get_lr, grad_sync, load_checkpoint, print0, restore_checkpoint, save_checkpoint,
-                    set_lr, setup, shutdown, step_optimizer, stop_requested, wrap_model)
+from common import (Run, all_reduce_mean, check_pairs, die, dev_means, epoch_batches, get_lr, print0, read_data, set_lr,
+                    setup_stage, shutdown, step_optimizer)
 from configurator import configure
-from data_formats import DataError, read_jsonl
-from model import IGNORE_INDEX, ModelConfig, Transformer
-from tokenizer import Tokenizer
+from model import IGNORE_INDEX, Transformer
 
 # -----------------------------------------------------------------------------------------------
 # config
@@ -52,7 +48,7 @@ grad_accum = 1
 margin = 0.0             # m in the loss: demand r_chosen - r_rejected > m (0: plain Bradley-Terry)
 center_coef = 0.0        # reward centering weight (Eisenstein et al. use 0.01; 0: off)
 lm_coef = 1.0            # weight of the chosen replies' next-token loss (GRM regularizer; 0: off)
-lr = 3e-4
+lr = 3e-4                # one lr for the backbone and the fresh reward head
 min_lr = 3e-5
 weight_decay = 0.0
 beta1 = 0.9
@@ -64,7 +60,7 @@ max_steps = 1600         # the demo world: ~2 passes over its pairs
 dropout = 0.0
 eval_interval = 200
 log_interval = 10
-keep_last = 1
+keep_last = 1            # step checkpoints kept; ckpt_best.pt holds the highest dev accuracy
 device = "auto"
 dtype = "auto"
 compile = False
@@ -139,43 +135,19 @@ def collate(pairs, pad_id):
 
 def main():
     config = configure(globals())
-    ctx = setup(config)
-    catch_signals()
-
-    resume = init_from == "resume"
-    src = out_dir if resume else init_from
-    ckpt = load_checkpoint(src)
-    model_cfg = ModelConfig.from_dict({**ckpt["model_config"], "dropout": dropout})
-    tokenizer = Tokenizer.load(src)
+    ctx, ckpt, model_cfg, tokenizer = setup_stage(config, dropout=dropout)
     model = RewardModel(model_cfg, lm_head=lm_coef > 0)
-    if not resume:  # the chat model's weights; the head starts fresh
+    if init_from != "resume":  # the chat model's weights; the head starts fresh
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         if unexpected or set(missing) - {"reward_head.weight", "reward_head.bias"}:
-            die(f"{src} does not fit this model: missing {missing}, unexpected {unexpected}")
-        print0(f"initialized from {src} (step {ckpt['step']}), {model.num_params() / 1e6:.2f}M parameters")
+            die(f"{init_from} does not fit this model: missing {missing}, unexpected {unexpected}")
+        print0(f"initialized from {init_from} (step {ckpt['step']}), {model.num_params() / 1e6:.2f}M parameters")
 
-    try:
-        train_pairs, dev_pairs = read_jsonl(data, "pairs", log=print0), read_jsonl(dev_data, "pairs", log=print0)
-    except DataError as e:
-        die(str(e))
-    (train, long_train), (dev, long_dev) = (encode_pairs(tokenizer, p, model_cfg.max_seq_len) for p in (train_pairs, dev_pairs))
-    print0(f"pairs: {len(train)} train, {len(dev)} dev; skipped as longer than {model_cfg.max_seq_len} tokens: "
-           f"{long_train} train, {long_dev} dev (identical pairs are counted in the 'lines skipped' above)")
-    if not train or not dev:
-        die("no usable pairs left; raise max_seq_len or check the data")
-
-    model = wrap_model(model, ctx, parallel, compile)
-    optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
-    start_step, best = 0, -1.0  # best: the highest dev accuracy so far (ckpt_best.pt)
-    if resume:
-        restore_checkpoint(ctx, model, optimizer, ckpt)
-        start_step, best = ckpt["step"], ckpt["best"]
-        print0(f"resumed from {out_dir} at step {start_step}")
-    ckpt = None
-    if ctx.master:
-        tokenizer.save(out_dir)
-    logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
-    pairs_per_step = batch_size * grad_accum * ctx.world_size
+    (train, long_train), (dev, long_dev) = (encode_pairs(tokenizer, p, model_cfg.max_seq_len)
+                                            for p in read_data("pairs", data, dev_data))
+    check_pairs(train, dev, (long_train, long_dev), model_cfg.max_seq_len)
+    run = Run(ctx, config, model, ckpt, model_cfg, tokenizer, best="dev_accuracy", maximize=True)
+    model, optimizer, ckpt = run.model, run.optimizer, None
 
     def rewards(batch, lm=False):
         """(r_chosen, r_rejected, NLL of the chosen replies or None unless lm)."""
@@ -185,67 +157,29 @@ def main():
         r, nll = out if lm else (out, None)
         return r[:len(batch)], r[len(batch):], nll
 
-    @torch.no_grad()
     def evaluate():
-        """Loss, accuracy and mean margin over every dev pair (each rank takes every world_size-th batch)."""
-        model.eval()
-        sums = torch.zeros(3, device=ctx.device)
-        for start in range(0, len(dev), batch_size * ctx.world_size):
-            # every rank runs the same number of forwards (FSDP needs that): ranks past the end redo
-            # pair 0 with weight 0
-            ids = list(range(start + ctx.rank * batch_size, start + (ctx.rank + 1) * batch_size))
-            real = [i for i in ids if i < len(dev)]
-            r_c, r_r, _ = rewards([dev[i] for i in real] or dev[:1])
-            loss, acc, mar = rm_loss(r_c, r_r, margin, center_coef)
-            sums += torch.stack([loss, acc, mar]) * len(real)
-        model.train()
-        return (all_reduce_mean(ctx, sums) * ctx.world_size / len(dev)).tolist()
-
-    def save(step, is_best=False):
-        ck = checkpoint_state(ctx, model, optimizer, step=step, config=config, model_config=model_cfg.to_dict(),
-                              tokenizer=tokenizer.name, best=best)
-        if ctx.master:
-            save_checkpoint(out_dir, ck, keep_last, is_best)
+        """Loss, accuracy and mean margin over every dev pair."""
+        def stats(batch):
+            r_c, r_r, _ = rewards(batch)
+            return torch.stack(rm_loss(r_c, r_r, margin, center_coef))
+        return dict(zip(("dev_loss", "dev_accuracy", "dev_margin"), dev_means(model, ctx, dev, batch_size, stats)))
 
     # -------------------------------------------------------------------------------------------
-    t0, timed = time.perf_counter(), 0
-    for step in range(start_step, max_steps + 1):
-        if (step % eval_interval == 0 or step == max_steps) and not (resume and step == start_step):
-            dev_loss, dev_acc, dev_margin = evaluate()
-            logger.log({"step": step, "dev_loss": dev_loss, "dev_accuracy": dev_acc, "dev_margin": dev_margin})
-            is_best, best = dev_acc > best, max(best, dev_acc)
-            if step > start_step:
-                save(step, is_best)
-            t0, timed = time.perf_counter(), 0
-        if step == max_steps:
-            break
+    # training loop (run.steps evaluates, checkpoints, and saves and stops on SIGTERM)
+    for step in run.steps(evaluate):
         lr_now = get_lr(step, config)
         set_lr(optimizer, lr_now)
-        ids = epoch_indices(step, pairs_per_step, len(train), seed)
         stats = torch.zeros(4, device=ctx.device)
-        for micro in range(grad_accum):
-            mine = ids[(micro * ctx.world_size + ctx.rank) * batch_size:][:batch_size]
-            grad_sync(model, micro == grad_accum - 1)
-            r_c, r_r, nll = rewards([train[i] for i in mine], lm=lm_coef > 0)
+        for batch in epoch_batches(model, train, step, batch_size, grad_accum, ctx, seed):
+            r_c, r_r, nll = rewards(batch, lm=lm_coef > 0)
             loss, acc, mar = rm_loss(r_c, r_r, margin, center_coef)
             nll = nll if nll is not None else torch.zeros((), device=ctx.device)
             ctx.scaler.scale((loss + lm_coef * nll) / grad_accum).backward()
             stats += torch.stack([loss.detach(), acc, mar.detach(), nll.detach()]) / grad_accum
         grad_norm = step_optimizer(model, optimizer, ctx.scaler, grad_clip)
         train_loss, train_acc, train_margin, train_nll = all_reduce_mean(ctx, stats).tolist()
-        if not math.isfinite(train_loss):
-            die(f"loss {train_loss} at step {step + 1}: training diverged; try a lower lr")
-        timed += 1
-        if (step + 1) % log_interval == 0 or step == start_step:
-            dt = (time.perf_counter() - t0) / timed
-            logger.log({"step": step + 1, "max_steps": max_steps, "loss": train_loss, "accuracy": train_acc,
-                        "margin": train_margin, **({"lm_loss": train_nll} if lm_coef else {}), "lr": lr_now,
-                        "grad_norm": grad_norm.item(), "step_ms": 1000 * dt})
-            t0, timed = time.perf_counter(), 0
-        if stop_requested(ctx):
-            save(step + 1)
-            print0(f"stopped after step {step + 1}; continue with --init_from=resume")
-            break
+        run.log(step, {"loss": train_loss, "accuracy": train_acc, "margin": train_margin,
+                       **({"lm_loss": train_nll} if lm_coef else {})}, lr_now, grad_norm)
     shutdown()
 
 

@@ -23,21 +23,15 @@ same way, the baseline. Reads init_from/{ckpt.pt, tokenizer.model}, data and dev
 out_dir/{ckpt.pt, ckpt_best.pt, tokenizer.model, config.json, metrics.jsonl}. SIGTERM or Ctrl-C saves
 and exits; --init_from=resume continues exactly where it stopped.
 """
-import math
 import random
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die,
-                    generate_replies, generation_context, get_lr, grad_sync, load_checkpoint, print0,
-                    restore_checkpoint, save_checkpoint, set_lr, setup, shutdown, step_optimizer, stop_requested,
-                    unwrap, wrap_model)
+from common import (Run, all_reduce_mean, answer_accuracy, get_lr, grad_sync, print0, read_data, set_lr, setup_stage,
+                    shutdown, step_optimizer)
 from configurator import configure
-from data_formats import DataError, read_jsonl
-from model import IGNORE_INDEX, ModelConfig, Transformer
-from tokenizer import Tokenizer
+from model import IGNORE_INDEX, Transformer
 
 # -----------------------------------------------------------------------------------------------
 # config: defaults fine-tune the demo world's tiny model; config files and --key=value override
@@ -48,21 +42,21 @@ out_dir = "out/sft"
 seq_len = 0              # tokens per packed row; 0: the model's max_seq_len
 batch_size = 8           # packed rows per micro-step per process
 grad_accum = 1
-lr = 5e-4
+lr = 5e-4                # the peak, after warmup_steps; lr_schedule takes it down to min_lr by max_steps
 min_lr = 5e-5
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
-lr_schedule = "cosine"
+lr_schedule = "cosine"   # cosine | wsd | sgdr | constant (common.get_lr)
 warmup_steps = 20
 max_steps = 300          # the demo world: ~2.5 passes over its chats
-dropout = 0.0
+dropout = 0.0            # replaces the pretrained model's
 eval_interval = 100      # dev loss, answer accuracy and a checkpoint every this many steps
 eval_answers = 0         # dev chats whose last reply is generated and scored (0: all)
 answer_tokens = 64       # at most this many tokens per generated reply
 log_interval = 10
-keep_last = 1
+keep_last = 1            # step checkpoints kept; ckpt_best.pt holds the lowest dev loss
 device = "auto"
 dtype = "auto"
 compile = False
@@ -121,53 +115,27 @@ def sft_loss(logits, targets, n_tokens):
 
 def main():
     config = configure(globals())
-    ctx = setup(config)
-    catch_signals()
-
-    # model: from a pretraining run, or this run's own checkpoint when resuming
-    resume = init_from == "resume"
-    src = out_dir if resume else init_from
-    ckpt = load_checkpoint(src)
-    model_cfg = ModelConfig.from_dict({**ckpt["model_config"], "dropout": dropout})
-    tokenizer = Tokenizer.load(src)
+    ctx, ckpt, model_cfg, tokenizer = setup_stage(config, dropout=dropout)
     model = Transformer(model_cfg)
-    if not resume:
+    if init_from != "resume":
         model.load_state_dict(ckpt["model"])
-        print0(f"initialized from {src} (step {ckpt['step']}), {model.num_params() / 1e6:.2f}M parameters")
+        print0(f"initialized from {init_from} (step {ckpt['step']}), {model.num_params() / 1e6:.2f}M parameters")
     L = seq_len or model_cfg.max_seq_len
 
     # data: render every conversation, then pack; the rows are reshuffled every epoch
-    try:
-        train_chats, dev_chats = read_jsonl(data, "sft", log=print0), read_jsonl(dev_data, "sft", log=print0)
-    except DataError as e:
-        die(str(e))
+    train_chats, dev_chats = read_data("sft", data, dev_data)
     random.Random(seed).shuffle(train_chats)  # mix the kinds of conversation within each row
     encoded = [encode_chat(tokenizer, c["messages"], L) for c in train_chats]
     cut = sum(e[2] for e in encoded)
     print0(f"{cut} of {len(encoded)} training conversations were longer than {L + 1} tokens and lost their start")
     X, Y, D = pack([e[:2] for e in encoded], L, tokenizer.pad_id)
     DX, DY, DD = pack([encode_chat(tokenizer, c["messages"], L)[:2] for c in dev_chats], L, tokenizer.pad_id)
-    n_train = (Y != IGNORE_INDEX).sum().item()
-    print0(f"packed into {len(X)} rows of {L} tokens ({(X != tokenizer.pad_id).float().mean():.0%} filled); "
-           f"{n_train:,} assistant tokens; one epoch = {len(X) / (batch_size * grad_accum * ctx.world_size):.1f} steps")
-    # answer accuracy: the dev chats whose last message is an assistant reply, that reply as reference
-    qa = [(c["messages"][:-1], c["messages"][-1]["content"]) for c in dev_chats if c["messages"][-1]["role"] == "assistant"]
-    qa = qa[:eval_answers or len(qa)]
-
-    model = wrap_model(model, ctx, parallel, compile)
-    raw = unwrap(model)
-    optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
-    start_step, best = 0, float("inf")  # best: the lowest dev loss so far (ckpt_best.pt)
-    if resume:
-        restore_checkpoint(ctx, model, optimizer, ckpt)
-        start_step, best = ckpt["step"], ckpt["best"]
-        print0(f"resumed from {out_dir} at step {start_step}")
-    ckpt = None
-    if ctx.master:
-        tokenizer.save(out_dir)
-    logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
-
     rows_per_step = batch_size * grad_accum * ctx.world_size
+    print0(f"packed into {len(X)} rows of {L} tokens ({(X != tokenizer.pad_id).float().mean():.0%} filled); "
+           f"{(Y != IGNORE_INDEX).sum().item():,} assistant tokens; one epoch = {len(X) / rows_per_step:.1f} steps")
+
+    run = Run(ctx, config, model, ckpt, model_cfg, tokenizer, best="dev_loss")
+    model, optimizer, ckpt = run.model, run.optimizer, None
 
     def step_rows(step):
         """The global batch of step `step`: rows from an endless stream of per-epoch permutations, a pure
@@ -190,33 +158,16 @@ def main():
             with ctx.autocast:
                 logits, _ = model(x.to(ctx.device), doc_ids=d.to(ctx.device))
             nll += sft_loss(logits, y.to(ctx.device), count)
-        with generation_context(model):  # every rank answers all questions; they agree, rank 0 logs
-            replies = generate_replies(raw, tokenizer, [m for m, _ in qa], answer_tokens)
+        acc, examples = answer_accuracy(model, tokenizer, dev_chats, answer_tokens, eval_answers)
         model.train()
-        correct = sum(r.strip() == a.strip() for r, (_, a) in zip(replies, qa))
-        for (m, a), r in list(zip(qa, replies))[:3]:
-            print0(f"  Q: {m[-1]['content']!r}\n     reply {r!r}\n     want  {a!r}")
-        return all_reduce_mean(ctx, nll).item() * ctx.world_size, correct / max(1, len(qa))
-
-    def save(step, is_best=False):
-        ck = checkpoint_state(ctx, model, optimizer, step=step, config=config, model_config=model_cfg.to_dict(),
-                              tokenizer=tokenizer.name, best=best)
-        if ctx.master:
-            save_checkpoint(out_dir, ck, keep_last, is_best)
+        for question, reply, want in examples[:3]:
+            print0(f"  Q: {question!r}\n     reply {reply!r}\n     want  {want!r}")
+        return {"dev_loss": all_reduce_mean(ctx, nll).item() * ctx.world_size, "answer_acc": acc,
+                "answers": len(examples)}
 
     # -------------------------------------------------------------------------------------------
-    # training loop
-    t0, timed = time.perf_counter(), 0
-    for step in range(start_step, max_steps + 1):
-        if (step % eval_interval == 0 or step == max_steps) and not (resume and step == start_step):
-            dev_loss, acc = evaluate()
-            logger.log({"step": step, "dev_loss": dev_loss, "answer_acc": acc, "answers": len(qa)})
-            is_best, best = dev_loss < best, min(best, dev_loss)
-            if step > start_step:
-                save(step, is_best)
-            t0, timed = time.perf_counter(), 0  # evaluation time is not training throughput
-        if step == max_steps:
-            break
+    # training loop (run.steps evaluates, checkpoints, and saves and stops on SIGTERM)
+    for step in run.steps(evaluate):
         lr_now = get_lr(step, config)
         set_lr(optimizer, lr_now)
         rows = step_rows(step)
@@ -234,18 +185,7 @@ def main():
             loss_sum += loss.detach()
         grad_norm = step_optimizer(model, optimizer, ctx.scaler, grad_clip)
         train_loss = all_reduce_mean(ctx, loss_sum).item() * ctx.world_size
-        if not math.isfinite(train_loss):
-            die(f"loss {train_loss} at step {step + 1}: training diverged; try a lower lr")
-        timed += 1
-        if (step + 1) % log_interval == 0 or step == start_step:
-            dt = (time.perf_counter() - t0) / timed
-            logger.log({"step": step + 1, "max_steps": max_steps, "loss": train_loss, "lr": lr_now,
-                        "grad_norm": grad_norm.item(), "tok_per_s": rows_per_step * L / dt, "step_ms": 1000 * dt})
-            t0, timed = time.perf_counter(), 0
-        if stop_requested(ctx):
-            save(step + 1)
-            print0(f"stopped after step {step + 1}; continue with --init_from=resume")
-            break
+        run.log(step, {"loss": train_loss}, lr_now, grad_norm, tokens=rows_per_step * L)
     shutdown()
 
 
