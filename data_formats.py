@@ -1,21 +1,16 @@
-"""Readers and validators for the data formats every stage shares (see ../shared/DESIGN.md).
+"""Readers and validators of the data formats every stage shares (../shared/DESIGN.md); stdlib and numpy only.
 
-    from data_formats import read_jsonl, read_rag_docs, load_meta, check_vocab, DataError
     chats = read_jsonl("data/demo/sft.jsonl", "sft")          # [{"messages": [...]}, ...]
     pairs = read_jsonl("data/demo/pairs.jsonl", "pairs")      # [{"prompt": [...], "chosen": str, "rejected": str}]
     probs = read_jsonl("data/demo/grpo.jsonl", "prompts")     # [{"prompt": [...], "answer": "42"}]; GSM8K too
     qa    = read_jsonl("data/demo/rag/qa.jsonl", "qa")        # [{"question": str, "answer": str, ...}]
-    docs  = read_rag_docs("data/demo/rag")                    # [{"id": "docs/x.md", "text": str}]
+    docs  = read_rag_docs("data/demo/rag/docs")               # [{"id": "x.md", "text": str}]
     meta  = load_meta("data/demo/pretrain"); check_vocab(meta, model_vocab_size, tokenizer)
+    python prepare_data.py validate data/demo                 # check files by hand
 
-Check files by hand with `python prepare_data.py validate data/demo` (this module does the work).
-
-A bad line is reported as `file:line: what is wrong` and skipped; the summary line says how many
-lines were used and how many skipped, so nothing disappears silently. A file with no usable line,
-or a missing file, raises DataError (one line; stages print it and exit). Prompts are normalized
-to a list of messages, so stages render every prompt with Tokenizer.render_chat.
-
-Only the standard library and numpy: the stages, common.py and prepare_data.py all import it.
+A bad line or document is logged (`file:line: what is wrong`) and skipped, and a summary line counts them:
+nothing disappears silently. A missing file, or one with nothing usable, raises DataError, whose text is the
+one line to show. Prompts become lists of messages, so every stage renders them with Tokenizer.render_chat.
 """
 import json
 import os
@@ -23,17 +18,16 @@ import os
 import numpy as np
 
 ROLES = ("system", "user", "assistant")
-KINDS = ("sft", "pairs", "prompts", "qa", "docs")
+DOC_EXTENSIONS = (".txt", ".md")
 
 
 class DataError(ValueError):
     """Bad input data; str(e) is the one line to show the user."""
 
 
-# -- one record per kind -------------------------------------------------------------------------
+# -- one record per kind --------------------------------------------------------------------------------------
 def check_messages(messages, what="messages"):
-    """Raise DataError unless messages is a non-empty list of {role, content: non-empty str}
-    with roles from ROLES and a system message only in first place. Returns a clean copy."""
+    """A clean copy of a non-empty list of {role, content: non-empty str}, a system message only first."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{what} must be a non-empty list of {{role, content}} objects")
     out = []
@@ -69,18 +63,8 @@ def _prompt(obj):
     return msgs
 
 
-def gsm8k_answer(answer):
-    """GSM8K's answer field ends with '#### 1,234': return '1234'."""
-    if "####" not in answer:
-        raise DataError("GSM8K answer has no '#### <number>' line")
-    final = answer.rsplit("####", 1)[1].strip().replace(",", "")
-    if not final:
-        raise DataError("GSM8K answer has nothing after '####'")
-    return final
-
-
 def parse_record(obj, kind):
-    """Validate one decoded jsonl object of the given kind and return its normalized form."""
+    """One decoded jsonl object of the given kind, validated and normalized."""
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}")
     if kind == "sft":
@@ -93,10 +77,13 @@ def parse_record(obj, kind):
         if rec["chosen"] == rec["rejected"]:
             raise DataError("chosen and rejected are identical")
         return rec
+    if kind == "prompts" and "question" in obj and "prompt" not in obj:  # GSM8K: the answer ends '#### 1,234'
+        _, mark, final = _text(obj, "answer").rpartition("####")
+        if not mark or not final.strip():
+            raise DataError("GSM8K answer has no '#### <number>' line")
+        return {"prompt": [{"role": "user", "content": _text(obj, "question")}],
+                "answer": final.strip().replace(",", "")}
     if kind == "prompts":
-        if "question" in obj and "prompt" not in obj:  # a GSM8K line
-            return {"prompt": [{"role": "user", "content": _text(obj, "question")}],
-                    "answer": gsm8k_answer(_text(obj, "answer"))}
         if isinstance(obj.get("answer"), (int, float)) and not isinstance(obj["answer"], bool):
             obj = {**obj, "answer": str(obj["answer"])}  # a bare number is fine too
         return {"prompt": _prompt(obj), "answer": _text(obj, "answer").strip()}
@@ -104,7 +91,7 @@ def parse_record(obj, kind):
         return {**obj, "question": _text(obj, "question"), "answer": _text(obj, "answer")}
     if kind == "docs":
         return {"id": _text(obj, "id"), "text": _text(obj, "text")}
-    raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    raise ValueError(f"unknown kind {kind!r}; one of sft, pairs, prompts, qa, docs")
 
 
 def detect_kind(obj):
@@ -117,19 +104,14 @@ def detect_kind(obj):
         return "pairs"
     if "prompt" in obj or ("question" in obj and "####" in str(obj.get("answer", ""))):
         return "prompts"
-    if "question" in obj:
-        return "qa"
-    if "text" in obj:
-        return "docs"
-    return None
+    return "qa" if "question" in obj else "docs" if "text" in obj else None
 
 
-# -- files ---------------------------------------------------------------------------------------
+# -- files ----------------------------------------------------------------------------------------------------
 def read_jsonl(path, kind=None, log=print, max_shown=20, strict=False, stats=None):
-    """All valid records of a jsonl file, normalized (see parse_record). kind=None guesses it
-    from the first object. Bad lines are reported as `path:line: what` (the first max_shown) and
-    skipped, or raise DataError at the first one with strict=True. Returns a list; a dict given
-    as stats gets {"used": n, "skipped": m}."""
+    """All valid records of a jsonl file, normalized (parse_record; kind=None guesses it from the first object).
+    Bad lines are logged as `path:line: what` (the first max_shown) and skipped, or with strict=True raise
+    DataError at the first one. A dict given as stats gets {"used": n, "skipped": m}."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     records, bad = [], []
@@ -164,32 +146,60 @@ def read_jsonl(path, kind=None, log=print, max_shown=20, strict=False, stats=Non
     return records
 
 
-def read_rag_docs(path, log=print):
-    """RAG documents: a folder of .txt/.md files (searched recursively; id = path inside the
-    folder) or a jsonl file of {"id", "text"}. Returns [{"id", "text"}] sorted by id."""
-    if os.path.isfile(path):
-        docs = read_jsonl(path, "docs", log=log)
-    elif os.path.isdir(path):
-        docs = []
-        for root, _, files in os.walk(path):
-            for name in files:
-                if name.endswith((".txt", ".md")):
-                    full = os.path.join(root, name)
-                    with open(full, encoding="utf-8", errors="replace") as f:
-                        text = f.read()
-                    if text.strip():
-                        docs.append({"id": os.path.relpath(full, path), "text": text})
-                    else:
-                        log(f"{full}: empty, skipped")
-        if not docs:
+def doc_text(src, max_doc_mb):
+    """(text, None) for a usable RAG document (a file's path, or a jsonl text's bytes), else (None, why not)."""
+    size = os.path.getsize(src) if isinstance(src, str) else len(src)
+    if size > max_doc_mb * 2**20:
+        return None, f"{size / 2**20:.1f} MB, more than --max_doc_mb={max_doc_mb:g}; split it or raise it"
+    if isinstance(src, str):
+        with open(src, "rb") as f:
+            src = f.read()
+    if b"\x00" in src:
+        return None, "binary (it contains NUL bytes), skipped"
+    try:
+        text = src.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, (f"not UTF-8 text (invalid byte 0x{src[e.start]:02x} at offset {e.start}), skipped; "
+                      "convert it to UTF-8")
+    return (text, None) if text.strip() else (None, "empty, skipped")
+
+
+def read_rag_docs(path, log=print, max_doc_mb=64.0, stats=None):
+    """RAG documents [{"id", "text"}] from a folder of .txt/.md files (searched recursively; id: the path inside
+    it), one such file, or a jsonl of {"id", "text"}. Empty, binary, non-UTF-8 and oversized documents are
+    logged and skipped; a dict given as stats gets {"used": n, "skipped": m}."""
+    counts = {"skipped": 0}
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                       if f.endswith(DOC_EXTENSIONS))
+        if not files:
             raise DataError(f"{path}: no .txt or .md documents in this folder")
-        log(f"{path}: {len(docs)} documents")
+        items = [(os.path.relpath(f, path).replace(os.sep, "/"), f) for f in files]
+    elif os.path.isfile(path) and path.endswith(DOC_EXTENSIONS):
+        items = [(os.path.basename(path), path)]
+    elif os.path.isfile(path):  # read_jsonl reports the bad lines
+        items = [(r["id"], r["text"].encode("utf-8")) for r in read_jsonl(path, "docs", log=log, stats=counts)]
     else:
-        raise DataError(f"{path}: no such file or folder")
-    return sorted(docs, key=lambda d: d["id"])
+        raise DataError(f"{path}: no such file or folder (give a folder of .txt/.md files or a jsonl of {{id, text}})")
+    docs, skipped = {}, counts["skipped"]
+    for doc_id, src in items:
+        text, problem = doc_text(src, max_doc_mb)
+        if problem:
+            log(f"{doc_id}: {problem}")
+            skipped += 1
+        elif doc_id in docs:
+            raise DataError(f"{path}: document id {doc_id!r} appears twice; ids must be unique")
+        else:
+            docs[doc_id] = text
+    if not docs:
+        raise DataError(f"{path}: no usable documents ({skipped} skipped; want .txt/.md files or jsonl {{id, text}})")
+    log(f"{path}: {len(docs)} documents used, {skipped} skipped")
+    if stats is not None:
+        stats.update(used=len(docs), skipped=skipped)
+    return [{"id": k, "text": v} for k, v in docs.items()]
 
 
-# -- pretraining data dirs (written by `prepare_data.py pretrain`) --------------------------------
+# -- pretraining data dirs (written by `prepare_data.py pretrain`) ---------------------------------------------
 def load_meta(data_dir):
     """meta.json of a pretraining data dir, after checking train.bin/val.bin match it."""
     path = os.path.join(data_dir, "meta.json")
@@ -198,12 +208,11 @@ def load_meta(data_dir):
                         f"--out_dir={data_dir} ...` (or `python prepare_data.py demo`)")
     with open(path) as f:
         meta = json.load(f)
-    itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         fn = os.path.join(data_dir, f"{split}.bin")
-        want = meta[f"{split}_tokens"] * itemsize
-        if not os.path.isfile(fn) or os.path.getsize(fn) != want:
-            got = os.path.getsize(fn) if os.path.isfile(fn) else "missing"
+        want = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
+        got = os.path.getsize(fn) if os.path.isfile(fn) else "missing"
+        if got != want:
             raise DataError(f"{fn}: expected {want} bytes from meta.json, found {got}; re-run prepare_data.py pretrain")
     return meta
 
@@ -215,8 +224,8 @@ def open_tokens(data_dir, split, meta=None):
 
 
 def check_vocab(meta, vocab_size, tokenizer=None):
-    """Raise DataError unless data tokenized as in meta fits a model with vocab_size embeddings
-    (and, given a Tokenizer, was tokenized by that same tokenizer)."""
+    """Raise DataError unless data tokenized as in meta fits a model with vocab_size embeddings (and, given a
+    Tokenizer, was tokenized by that same tokenizer)."""
     if meta["vocab_size"] > vocab_size:
         raise DataError(f"the data was tokenized with a {meta['vocab_size']}-token vocabulary ({meta['tokenizer']}) "
                         f"but the model has vocab_size={vocab_size}: set vocab_size={meta['vocab_size']} "

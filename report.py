@@ -1,19 +1,28 @@
-"""The demo's report: one table saying whether each stage worked, and a loss-curve plot per stage.
+"""The demo's report: one table saying whether each stage worked, one of the goals, and a loss-curve plot per stage.
 
     python report.py                       # after `bash demo.sh`: writes report.md and report/*.png
     python report.py --out=/tmp/o          # the runs of `OUT=/tmp/o bash demo.sh` (report in /tmp/o)
     python report.py --check               # exit 1 if a stage missed its goal
     python report.py plot out/a out/b      # loss curves of several runs in one picture (report/compare.png)
 
-Reads each stage's OUT/<stage>/metrics.jsonl (written by common.MetricsLogger), OUT/timings.tsv
-(stage, seconds: demo.sh writes it) and OUT/rag/eval.json (rag.py eval --results). The plots need
-matplotlib (`pip install matplotlib`); without it the report says how to get them.
+Reads each stage's OUT/<stage>/metrics.jsonl (common.MetricsLogger), OUT/timings.tsv (stage, seconds: written by
+demo.sh) and OUT/rag/eval.json (rag.py eval --results). The plots need matplotlib (`pip install matplotlib`).
 """
 import json
 import os
 import sys
 
 STAGES = ["pretrain", "sft", "rm", "dpo", "grpo"]  # each writes OUT/<stage>/metrics.jsonl
+STAGE_METRICS = {
+    "sft": ("dev answer accuracy {} (pretrained, same prompts) -> {}", ["answer_acc"]),
+    "rm": ("held-out pair accuracy {} -> {}", ["dev_accuracy"]),
+    "dpo": ("says \"I don't know\" to held-out questions about strangers {} (SFT) -> {}; answer accuracy {} -> {}; "
+            "preference accuracy (policy prefers chosen) {} -> {}",
+            ["refusal_acc", "answer_acc", "dev_likelihood_acc"]),
+    "grpo": ("held-out arithmetic pass@1 {} -> {}", ["eval_pass@1"]),
+}
+RAG_METRICS = ("recall@5 {}, recall@1 {}; answer accuracy without retrieval {}, with the sources in the prompt {}; "
+               "cites the right source {}")
 
 
 def read_metrics(out_dir):
@@ -31,52 +40,30 @@ def series(records, key):
 
 
 def fmt(x, pct=False):
-    if x is None:
-        return "-"
-    return f"{x:.1%}" if pct else f"{x:.3f}"
+    return "-" if x is None else f"{x:.1%}" if pct else f"{x:.3f}"
 
 
 def stage_metric(stage, records):
     """The number that shows the stage worked, as text: before -> after where a before exists."""
     if stage == "pretrain":
         a, b = series(records, "val_bpb")
-        _, copy = series(records, "copy_probe")
         onset = next((r["step"] for r in records if r.get("copy_probe", 0) >= 0.5), None)
-        return (f"val bits/byte {fmt(a)} -> {fmt(b)}; copy probe {fmt(copy, True)} (induction heads: copying "
-                + (f"first passes 50% at step {onset})" if onset is not None else "never passes 50%)"))
-    if stage == "sft":
-        a, b = series(records, "answer_acc")
-        return f"dev answer accuracy {fmt(a, True)} (pretrained, same prompts) -> {fmt(b, True)}"
-    if stage == "rm":
-        a, b = series(records, "dev_accuracy")
-        return f"held-out pair accuracy {fmt(a, True)} -> {fmt(b, True)}"
-    if stage == "dpo":
-        a, b = series(records, "dev_rewards/accuracies")
-        la, _ = series(records, "dev_likelihood_acc")
-        _, lb = series(records, "dev_likelihood_acc")
-        ans_a, ans_b = series(records, "answer_acc")
-        ref_a, ref_b = series(records, "refusal_acc")
-        return (f"says \"I don't know\" to held-out questions about strangers {fmt(ref_a, True)} (SFT) -> "
-                f"{fmt(ref_b, True)}; answer accuracy {fmt(ans_a, True)} -> {fmt(ans_b, True)}; preference accuracy "
-                f"(policy prefers chosen) {fmt(la, True)} -> {fmt(lb, True)}")
-    if stage == "grpo":
-        a, b = series(records, "eval_pass@1")
-        return f"held-out arithmetic pass@1 {fmt(a, True)} -> {fmt(b, True)}"
-    return "-"
+        passes = "never passes 50%" if onset is None else f"first passes 50% at step {onset}"
+        return (f"val bits/byte {fmt(a)} -> {fmt(b)}; copy probe {fmt(series(records, 'copy_probe')[1], True)} "
+                f"(induction heads: copying {passes})")
+    text, keys = STAGE_METRICS[stage]  # each {} -> {}: the first and last value of a key, as a percentage
+    return text.format(*(fmt(x, True) for key in keys for x in series(records, key)))
 
 
 def goals(metrics, rag):
     """(goal, measured value, met) for each stage's goal (README, "The demo"); --check fails if one is missed."""
-    def last(stage, key):
-        return series(metrics[stage], key)[1]
-
     def gain(stage, key):
         a, b = series(metrics[stage], key)
         return None if a is None else b - a
 
-    rows = [("pretrain: copy probe >= 90%", last("pretrain", "copy_probe"), 0.90, 1),
-            ("SFT: dev answer accuracy >= 70%", last("sft", "answer_acc"), 0.70, 1),
-            ("RM: held-out pair accuracy >= 90%", last("rm", "dev_accuracy"), 0.90, 1),
+    rows = [("pretrain: copy probe >= 90%", series(metrics["pretrain"], "copy_probe")[1], 0.90, 1),
+            ("SFT: dev answer accuracy >= 70%", series(metrics["sft"], "answer_acc")[1], 0.70, 1),
+            ("RM: held-out pair accuracy >= 90%", series(metrics["rm"], "dev_accuracy")[1], 0.90, 1),
             ("DPO: refusals to held-out strangers, gain >= +5 points", gain("dpo", "refusal_acc"), 0.05, 1),
             ("GRPO: held-out pass@1, gain >= +10 points", gain("grpo", "eval_pass@1"), 0.10, 1),
             ("RAG: answer accuracy with the sources in the prompt >= 70%", rag.get("accuracy_with_retrieval"), 0.70, 1),
@@ -102,9 +89,7 @@ def plot(runs, path, title):
                 probe.set_ylim(0, 1)
             elif pts:
                 ax.plot(*zip(*pts), style, label=f"{name} {key}", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
+    ax.set(xlabel="step", ylabel="loss", title=title)
     handles = [h for a in (ax, probe) if a for h in a.get_legend_handles_labels()[0]]
     ax.legend(handles, [h.get_label() for h in handles], fontsize=8)
     fig.tight_layout()
@@ -113,58 +98,44 @@ def plot(runs, path, title):
     plt.close(fig)
 
 
-def have_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def main():
+    try:
+        import matplotlib
+    except ImportError:
+        matplotlib = None
     if sys.argv[1:2] == ["plot"]:
-        runs = [(d.rstrip("/"), read_metrics(d)) for d in sys.argv[2:]]
-        if not have_matplotlib():
+        if matplotlib is None:
             sys.exit("plotting needs matplotlib: pip install matplotlib")
+        runs = [(d.rstrip("/"), read_metrics(d)) for d in sys.argv[2:]]
         plot(runs, "report/compare.png", " vs ".join(d for d, _ in runs))
         print("wrote report/compare.png")
         return
     out = next((x.split("=", 1)[1] for x in sys.argv[1:] if x.startswith("--out=")), "out")
-    # the default run writes report.md next to README.md; another OUT gets its report inside it
-    report_dir = "." if out == "out" else out
-    times = {}
-    if os.path.isfile(os.path.join(out, "timings.tsv")):
-        for line in open(os.path.join(out, "timings.tsv")):
-            stage, secs = line.split()
-            times[stage] = float(secs)
-    rows, pictures = [], []
-    plots = have_matplotlib()
-    for stage in STAGES:
-        records = read_metrics(os.path.join(out, stage))
-        rows.append((stage, times.get(stage), stage_metric(stage, records)))
-        if plots and records:
-            plot([(stage, records)], os.path.join(report_dir, "report", f"{stage}.png"), f"{stage} ({out}/{stage})")
-            pictures.append(f"![{stage}](report/{stage}.png)")
-    rag_json = os.path.join(out, "rag", "eval.json")
+    report_dir = "." if out == "out" else out  # the default run's report.md goes next to README.md
+    tsv, rag_json = os.path.join(out, "timings.tsv"), os.path.join(out, "rag", "eval.json")
+    times = {stage: float(secs) for stage, secs in map(str.split, open(tsv))} if os.path.isfile(tsv) else {}
     rag = json.load(open(rag_json)) if os.path.isfile(rag_json) else {}
+    metrics = {stage: read_metrics(os.path.join(out, stage)) for stage in STAGES}
+    rows = [(stage, times.get(stage), stage_metric(stage, records)) for stage, records in metrics.items()]
     if rag:
-        rows.append(("rag", times.get("rag"),
-                     f"recall@5 {fmt(rag.get('recall@5'), True)}, recall@1 {fmt(rag.get('recall@1'), True)}; "
-                     f"answer accuracy without retrieval {fmt(rag.get('accuracy_without_retrieval'), True)}, "
-                     f"with the sources in the prompt {fmt(rag.get('accuracy_with_retrieval'), True)}; "
-                     f"cites the right source {fmt(rag.get('cites_right_source'), True)}"))
-    checks = goals({stage: read_metrics(os.path.join(out, stage)) for stage in STAGES}, rag)
+        keys = ["recall@5", "recall@1", "accuracy_without_retrieval", "accuracy_with_retrieval", "cites_right_source"]
+        rows.append(("rag", times.get("rag"), RAG_METRICS.format(*(fmt(rag.get(k), True) for k in keys))))
+    checks = goals(metrics, rag)
     lines = ["# AstrAI-nano demo report", "",
              "| stage | wall time | the metric that shows it worked |", "|---|---|---|"]
-    for stage, secs, metric in rows:
-        lines.append(f"| {stage} | {'-' if secs is None else f'{secs:.0f} s'} | {metric} |")
+    lines += [f"| {stage} | {'-' if secs is None else f'{secs:.0f} s'} | {metric} |" for stage, secs, metric in rows]
     if "total" in times:
         lines.append(f"| **total** | {times['total']:.0f} s | |")
     lines += ["", "| goal (held-out data) | measured | met |", "|---|---|---|"]
     lines += [f"| {what} | {fmt(value, True) if 'gain' not in what or value is None else f'{100 * value:+.1f} points'} "
               f"| {'yes' if ok else '**no**'} |" for what, value, ok in checks]
     lines.append("")
-    lines += pictures if plots else ["Loss-curve plots need matplotlib: `pip install matplotlib && python report.py`."]
+    for stage, records in metrics.items():
+        if matplotlib and records:
+            plot([(stage, records)], os.path.join(report_dir, "report", f"{stage}.png"), f"{stage} ({out}/{stage})")
+            lines.append(f"![{stage}](report/{stage}.png)")
+    if matplotlib is None:
+        lines.append("Loss-curve plots need matplotlib: `pip install matplotlib && python report.py`.")
     text = "\n".join(lines) + "\n"
     path = os.path.join(report_dir, "report.md")
     with open(path + ".tmp", "w") as f:
