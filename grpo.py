@@ -1,21 +1,15 @@
-"""GRPO: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) with verifiable rewards,
-a reward model, or both.
+"""GRPO: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) with verifiable rewards, a reward
+model, or both.
 
-    python grpo.py --init_from=out/sft                                   # demo world, laptop CPU, minutes
-    python grpo.py --init_from=out/sft --reward=rm:out/rm --beta=0.1     # score with rm.py's reward model
-    python grpo.py --reward=rule:1.0,format:0.1,rm:out/rm:0.5            # a weighted sum of several
+    python grpo.py --init_from=out/sft --reward=rule:1.0,format:0.1,rm:out/rm:0.5   # demo world, CPU, minutes
     torchrun --nproc_per_node=8 grpo.py --init_from=out/sft --data=gsm8k_train.jsonl \
-        --eval_data=gsm8k_test.jsonl --max_new_tokens=256 --lr=1e-6      # GPUs
+        --eval_data=gsm8k_test.jsonl --max_new_tokens=256 --lr=1e-6                 # GPUs
 
-Each step takes a batch of prompts (each process its own), samples G completions per prompt in one
-batched generation, scores them, turns each group's scores into advantages relative to the group, and
-takes mu gradient steps on the clipped surrogate minus beta times a KL estimate to the frozen starting
-model (the reference). Greedy pass@1 on held-out prompts is measured before training and every
-eval_interval steps. Reads init_from/{ckpt.pt, tokenizer.model} (sft or dpo), data and eval_data (jsonl
-{"prompt": str or messages, "answer": str}, or GSM8K {"question", "answer": "... #### n"}) and, for
-rm:DIR, a reward model dir. Writes out_dir/{ckpt.pt, ckpt_best.pt (best held-out accuracy),
-tokenizer.model, config.json, metrics.jsonl}. SIGTERM or Ctrl-C saves and exits; --init_from=resume
-continues exactly where it stopped.
+Each step samples G completions for each prompt of a batch, scores them, turns each group's scores into advantages
+relative to the group, and takes mu gradient steps on the clipped surrogate minus beta times a KL estimate to the
+frozen starting model; greedy pass@1 on held-out prompts every eval_interval steps. Reads init_from (sft or dpo),
+data and eval_data (jsonl {"prompt", "answer"} or GSM8K); writes out_dir/{ckpt.pt, ckpt_best.pt (best pass@1),
+tokenizer.model, config.json, metrics.jsonl}. SIGTERM or Ctrl-C saves; --init_from=resume continues exactly.
 """
 import copy
 import functools
@@ -29,24 +23,20 @@ import torch
 import torch.nn.functional as F
 
 from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die,
-                    get_lr, grad_sync, load_checkpoint, load_model, load_reward_fn, print0, restore_checkpoint,
-                    save_checkpoint, set_lr, setup, shutdown, step_optimizer, stop_requested, unwrap, wrap_model)
+                    generate_replies, get_lr, grad_sync, load_checkpoint, load_model, load_reward_fn, print0,
+                    restore_checkpoint, save_checkpoint, set_lr, setup, shutdown, step_optimizer, stop_requested,
+                    unwrap, wrap_model)
 from configurator import configure
 from data_formats import DataError, read_jsonl
 from model import IGNORE_INDEX
 
-# -----------------------------------------------------------------------------------------------
 # config: defaults work on the demo world; config/*.py and --key=value override
-# I/O
 init_from = "out/sft"      # policy and reference start here (an sft or dpo out dir); 'resume': continue out_dir
 out_dir = "out/grpo"
 data = "data/demo/grpo.jsonl"           # training prompts with answers
 eval_data = "data/demo/grpo_dev.jsonl"  # held-out prompts for greedy pass@1 ('' : none)
-# reward: comma-separated terms NAME[:ARG][:WEIGHT] (weight 1 if absent), summed:
-#   rule     1 if the reply's final number equals the answer (within num_tol), else 0
-#   format   1 if the reply ended by itself (<|im_end|>) and has a final number to check, else 0
-#   rm:DIR   the score of rm.py's reward model in DIR
-# e.g. "rule", "rm:out/rm", "rule,format:0.1", "rule:1.0,rm:out/rm:0.5"
+# reward: comma-separated terms NAME[:ARG][:WEIGHT] (weight 1 if absent), summed: rule (1 if the reply's final
+# number equals the answer), format (1 if the reply ended by itself and has a final number), rm:DIR (rm.py's score)
 reward = "rule"
 num_tol = 1e-6             # numbers match if |pred - answer| <= num_tol * max(1, |answer|)
 # rollouts
@@ -85,16 +75,14 @@ device = "auto"            # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"             # auto | bfloat16 | float16 | float32
 compile = False
 seed = 1337
-# -----------------------------------------------------------------------------------------------
-# the pieces a reader came for (and tests import): verifier, advantages, loss
 
+# the method (tests import these pieces): verifier, rewards, advantages, loss
 NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
 def extract_answer(text):
-    """The final answer of a reply as a string of digits, or None: the number right after the last
-    '####' (GSM8K) when the reply has one, else the last number in it. English and Chinese replies alike
-    ("53 + 1 = 54." and "53加1等于54。" give "54"); full-width digits are normalized (NFKC), '1,234' is 1234."""
+    """The final answer of a reply as a string of digits, or None: the number right after the last '####' (GSM8K),
+    else the last number ("53 + 1 = 54." and "53加1等于54。" give "54"); full-width digits normalized (NFKC)."""
     text = unicodedata.normalize("NFKC", text)
     if "####" in text:
         m = NUMBER.match(text.rsplit("####", 1)[1].strip())
@@ -104,15 +92,13 @@ def extract_answer(text):
 
 
 def is_correct(reply, answer, tol=1e-6):
-    """Rule verifier: numeric equality within tol * max(1, |answer|) when the answer is a number (a GSM8K
-    answer may still hold its '#### n' line), else exact match ignoring case, spaces and a final period."""
+    """Rule verifier: numeric equality within tol * max(1, |answer|) when the answer is a number (a GSM8K answer
+    may still hold its '#### n' line), else exact match ignoring case, spaces and a final period."""
     gold = extract_answer(answer) if "####" in answer else answer.strip().replace(",", "")
     try:
         g = float(gold)
     except (TypeError, ValueError):
-        def norm(s):
-            return " ".join(s.lower().split()).rstrip(".。")
-        return norm(reply) == norm(answer)
+        return " ".join(reply.lower().split()).rstrip(".。") == " ".join(answer.lower().split()).rstrip(".。")
     pred = extract_answer(reply)
     return pred is not None and abs(float(pred) - g) <= tol * max(1.0, abs(g))
 
@@ -129,22 +115,13 @@ def parse_reward(spec):
                 pass
         name, arg = parts[0], ":".join(parts[1:]) or None
         if name not in ("rule", "format", "rm") or (name == "rm") != (arg is not None):
-            raise ValueError(f"reward term {term!r}: expected rule, format or rm:DIR, each optionally "
-                             f"followed by :WEIGHT (e.g. rule:1.0,rm:out/rm:0.5)")
+            raise ValueError(f"reward term {term!r}: expected rule, format or rm:DIR, each with an optional :WEIGHT")
         terms.append((name, arg, weight))
     return terms
 
 
-def completion_mask(tokens, stop_ids):
-    """True on each sampled token up to and including the first stop token (<|im_end|> or EOS) of its row,
-    False after it: what generate() samples for a row that already stopped is padding, not a completion."""
-    is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device)).long()
-    return (torch.cumsum(is_stop, dim=1) - is_stop) == 0
-
-
 def build_batch(prompts, completions):
-    """(idx, targets) (N, T) for prompt + completion token lists, right-padded: targets[t] = idx[t + 1] on
-    completion tokens (stop token included), IGNORE_INDEX on prompt tokens and padding."""
+    """(idx, targets) (N, T), right-padded; targets[t] = idx[t + 1] on completion tokens, else IGNORE_INDEX."""
     seqs = [p + c for p, c in zip(prompts, completions)]
     idx = torch.zeros(len(seqs), max(map(len, seqs)) - 1, dtype=torch.long)
     targets = torch.full_like(idx, IGNORE_INDEX)
@@ -155,11 +132,9 @@ def build_batch(prompts, completions):
 
 
 def group_advantages(rewards, group_size, scale=True, eps=1e-4):
-    """Outcome-supervised advantages (DeepSeekMath sec. 4.1.2): every token of completion i gets
-    A_i = (r_i - mean(r)) / (std(r) + eps) over the G completions of its prompt. scale=False is Dr. GRPO
-    (Liu et al. 2025), A_i = r_i - mean(r): dividing by std up-weights prompts whose rewards barely differ
-    (nearly always right or always wrong), a difficulty bias. A group whose rewards are all equal carries
-    no signal: its advantages are exactly 0. Returns (A (N,), zero_std (N/G,) bool)."""
+    """Outcome supervision (DeepSeekMath sec. 4.1.2): A_i = (r_i - mean(r)) / (std(r) + eps) over a prompt's G
+    completions, exactly 0 where all are equal. scale=False is Dr. GRPO (Liu et al. 2025), A_i = r_i - mean(r): the
+    std up-weights prompts that are nearly always right or wrong. Returns (A (N,), zero_std (N/G,) bool)."""
     r = rewards.view(-1, group_size).float()
     adv = r - r.mean(dim=1, keepdim=True)
     if scale:
@@ -169,9 +144,8 @@ def group_advantages(rewards, group_size, scale=True, eps=1e-4):
 
 
 def logprobs_and_entropy(logits, targets, temperature=1.0):
-    """log pi(targets[t]) under softmax(logits / temperature), 0 where targets is IGNORE_INDEX: the numbers
-    Transformer.token_logprobs gives, from logits of the DDP-wrapped forward (so gradients are synced), and
-    the entropy of that distribution at each position (no gradient; for the log)."""
+    """log pi(targets[t]) under softmax(logits / temperature), 0 where targets is IGNORE_INDEX (what
+    Transformer.token_logprobs gives, here from the DDP-wrapped forward), and the entropy (no gradient, for the log)."""
     logits = logits.float() / temperature
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     with torch.no_grad():
@@ -185,24 +159,17 @@ def logprobs_and_entropy(logits, targets, temperature=1.0):
 #                 min(rho_it A_it, clip(rho_it, 1 - eps, 1 + eps) A_it) - beta D_KL[pi_theta || pi_ref] }
 #   rho_it = pi_theta(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)
 #   D_KL   = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1       (k3 estimator, eq. 4: unbiased, always >= 0)
-# With mu = 1 the rollout policy is the current one: rho = 1, nothing is clipped, and the gradient is that of
-# -A log pi_theta (REINFORCE with a group baseline); clipping bounds the later passes of mu > 1.
-# Options, and why:
-#   eps_low/eps_high (DAPO clip-higher, Yu et al. 2025): a larger upper bound lets a token the policy gives
-#     low probability grow by more in one update, so entropy does not collapse early;
-#   loss_norm "sequence" is the 1/|o_i| above: a token of a long reply weighs less, so a long wrong reply
-#     is penalized less per token and replies drift longer (Dr. GRPO's length bias). "token" (DAPO) divides
-#     the sum over all tokens by the batch's token count: every token weighs the same. "constant" (Dr. GRPO)
-#     divides by (number of completions x max_new_tokens), which no reply's length can change.
+# With mu = 1, rho = 1 and the gradient is that of -A log pi_theta (REINFORCE with a group baseline); clipping
+# bounds the later passes of mu > 1. eps_high > eps_low (DAPO clip-higher, Yu et al. 2025) lets unlikely tokens
+# grow faster, so entropy does not collapse early. loss_norm: "sequence" is the 1/|o_i| above, under which long
+# replies weigh less per token and drift longer (Dr. GRPO's length bias); "token" (DAPO) weighs every token of the
+# batch the same; "constant" (Dr. GRPO) divides by completions x max_new_tokens, which no reply's length changes.
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0, loss_norm="sequence",
               n_seqs=None, n_tokens=None, max_len=None):
-    """-J for a (micro-)batch of completions: logp (B, T) with gradient, old_logp and ref_logp (B, T) without
-    (ref_logp None when beta == 0), adv (B,), mask (B, T) 1 on completion tokens. n_seqs / n_tokens: the
-    completions and completion tokens of the whole batch over all micro-batches and ranks (default: this
-    one), so micro-batches add up to the full-batch loss. Returns (loss, sums of KL and of clipped tokens)."""
+    """-J for a (micro-)batch: logp (B, T), old_logp, ref_logp (None if beta == 0), adv (B,), mask (B, T). n_seqs,
+    n_tokens: the whole batch's counts (all micro-batches and ranks). Returns (loss, sums of KL and clipped tokens)."""
     mask = mask.float()
     n_seqs = logp.shape[0] if n_seqs is None else n_seqs
-    n_tokens = mask.sum() if n_tokens is None else n_tokens
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
@@ -216,15 +183,11 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, be
     if loss_norm == "sequence":
         loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
     elif loss_norm == "token":
-        loss = per_token.sum() / n_tokens
-    elif loss_norm == "constant":
+        loss = per_token.sum() / (mask.sum() if n_tokens is None else n_tokens)
+    else:  # "constant" (main() checks the name)
         loss = per_token.sum() / (n_seqs * max_len)
-    else:
-        raise ValueError(f"loss_norm must be sequence, token or constant, not {loss_norm!r}")
     return loss, {"kl": (kl.detach() * mask).sum(), "clipped": (clipped * mask).sum()}
 
-
-# -----------------------------------------------------------------------------------------------
 
 def main():
     config = configure(globals())
@@ -240,13 +203,11 @@ def main():
         die(f"loss_norm must be sequence, token or constant, not {loss_norm!r}")
 
     # models: the policy, and a frozen copy of where it started (the reference for the KL term)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    resume = init_from == "resume"
+    resume, ckpt_path = init_from == "resume", os.path.join(out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if resume else None
     start_dir = ckpt["ref_from"] if resume else init_from  # the reference stays the run's starting model
     policy, tokenizer, _ = load_model(start_dir, ctx.device)
     ref = copy.deepcopy(policy).requires_grad_(False) if beta > 0 else None
-    # eval mode throughout: no dropout, so the log-probs we train on are those of the sampling policy
     model = wrap_model(policy, ctx, "ddp", compile)
     raw = unwrap(model)
     optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
@@ -256,14 +217,13 @@ def main():
         ctx.scaler.load_state_dict(ckpt["scaler"])
         start_step, eval_done, best_acc = ckpt["step"], ckpt["eval_done"], ckpt["best_acc"]
         print0(f"resumed from {ckpt_path} at step {start_step}")
-        del ckpt
+    ckpt = None
     reward_fns = {arg: load_reward_fn(arg, ctx.device) for name, arg, _ in terms if name == "rm"}
     stop_ids = tokenizer.stop_ids
     print0(f"policy: {raw.num_params() / 1e6:.2f}M parameters from {start_dir}; reward {terms}; "
            f"{ctx.world_size} process(es) on {ctx.device}, {ctx.dtype}")
 
-    # data: prompts rendered in the chat template, ending with the assistant generation prompt
-    def load(path):
+    def load(path):  # prompts rendered in the chat template, ending with the assistant generation prompt
         try:
             recs = read_jsonl(path, "prompts", log=print0)
         except DataError as e:
@@ -280,46 +240,20 @@ def main():
     eval_set = load(eval_data) if eval_data else []
 
     @functools.lru_cache(maxsize=2)
-    def epoch_order(epoch):
+    def epoch_order(epoch):  # a fresh shuffle per epoch, a function of the seed: a resumed run sees the same
         return np.random.default_rng((seed, epoch)).permutation(len(train_set))
 
-    def step_prompts(step):
-        """This rank's prompts at a step: its slice of consecutive prompts of a fresh shuffle per epoch,
-        a function of (seed, step) so a resumed run sees exactly the prompts it would have."""
-        first = (step * ctx.world_size + ctx.rank) * prompts_per_step
-        return [train_set[epoch_order(i // len(train_set))[i % len(train_set)]]
-                for i in range(first, first + prompts_per_step)]
-
-    @torch.no_grad()
-    def sample(prompt_ids, G, temp, generator=None):
-        """G completions per prompt in one batched generation: (tokens (N, T), mask (N, T)), row r answers
-        prompt r // G; mask is False after each row's first stop token."""
-        # in the weights' dtype, no autocast: generate's KV cache is allocated in that dtype
-        steps = list(raw.generate(prompt_ids, max_new_tokens, temp, None, top_p if temp else None,
-                                  stop_ids=stop_ids, num_samples=G, generator=generator))
-        tokens = torch.stack([t for t, _ in steps], dim=1)
-        return tokens, completion_mask(tokens, stop_ids)
-
-    @torch.no_grad()
-    def evaluate():
-        """Greedy pass@1: the fraction of held-out prompts whose greedy reply the verifier accepts."""
-        right = torch.zeros(2, device=ctx.device)
-        mine, shown = eval_set[ctx.rank::ctx.world_size], False
-        for i in range(0, len(mine), eval_batch):
-            batch = mine[i:i + eval_batch]
-            tokens, mask = sample([r["ids"] for r in batch], 1, 0.0)
-            for rec, row, m in zip(batch, tokens, mask):
-                text = tokenizer.decode(row[m].tolist())
-                right[0] += is_correct(text, rec["answer"], num_tol)
-                if not shown:
-                    print0(f"  eval: {rec['prompt'][-1]['content']!r} -> {text!r} (answer {rec['answer']})")
-                    shown = True
-            right[1] += len(batch)
+    def evaluate():  # greedy pass@1: the share of held-out prompts whose greedy reply the verifier accepts
+        mine = eval_set[ctx.rank::ctx.world_size]
+        replies = generate_replies(raw, tokenizer, [r["prompt"] for r in mine], max_new_tokens, eval_batch)
+        if mine:
+            print0(f"  eval: {mine[0]['prompt'][-1]['content']!r} -> {replies[0]!r} (answer {mine[0]['answer']})")
+        right = torch.tensor([sum(is_correct(t, r["answer"], num_tol) for t, r in zip(replies, mine)), len(mine)],
+                             dtype=torch.float32, device=ctx.device)
         right = all_reduce_mean(ctx, right) * ctx.world_size
         return (right[0] / right[1]).item()
 
-    def save(step, best_acc, is_best=False, eval_done=False):
-        """Checkpoint after `step` steps (collective: every rank gathers, rank 0 writes)."""
+    def save(step, is_best=False, eval_done=False):  # collective: every rank gathers, rank 0 writes
         ckpt = checkpoint_state(ctx, model, optimizer, step=step, eval_done=eval_done, config=config,
                                 model_config=raw.cfg.to_dict(), tokenizer=tokenizer.name, stage="grpo",
                                 ref_from=start_dir, best_acc=best_acc, scaler=ctx.scaler.state_dict())
@@ -329,10 +263,7 @@ def main():
     if ctx.master:
         tokenizer.save(out_dir)
     logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
-    model.eval()
-
-    # -------------------------------------------------------------------------------------------
-    # training loop
+    model.eval()  # throughout: no dropout, so the log-probs we train on are those of the sampling policy
     step = start_step
     while True:
         if (step % eval_interval == 0 or step == max_steps) and not (step == start_step and eval_done):
@@ -342,20 +273,24 @@ def main():
                 is_best, best_acc = acc > best_acc, max(acc, best_acc)
                 logger.log({"step": step, "eval_pass@1": acc})
             if step > start_step:
-                save(step, best_acc, is_best, eval_done=True)
+                save(step, is_best, eval_done=True)
         if step >= max_steps:
             break
 
-        # 1-2. this rank's prompts and G completions of each, sampled with a generator seeded by (seed, step, rank)
+        # 1. this rank's prompts, consecutive ones of the epoch's shuffle, and G completions of each in one batched
+        # generation (in the weights' dtype, as the KV cache is), seeded by (seed, step, rank)
         t0 = time.perf_counter()
-        recs = step_prompts(step)
-        gen_seed = int(np.random.SeedSequence([seed, step, ctx.rank]).generate_state(1)[0])
-        gen = torch.Generator(ctx.device).manual_seed(gen_seed)
-        tokens, cmask = sample([r["ids"] for r in recs], group_size, temperature, gen)
-        completions = [row[m].tolist() for row, m in zip(tokens, cmask)]
+        first, n = (step * ctx.world_size + ctx.rank) * prompts_per_step, len(train_set)
+        recs = [train_set[epoch_order(i // n)[i % n]] for i in range(first, first + prompts_per_step)]
+        gen = torch.Generator(ctx.device).manual_seed(int(np.random.SeedSequence([seed, step, ctx.rank])
+                                                          .generate_state(1)[0]))
+        steps = list(raw.generate([r["ids"] for r in recs], max_new_tokens, temperature, top_p=top_p,
+                                  stop_ids=stop_ids, num_samples=group_size, generator=gen))
+        tokens, active = (torch.stack(seq, dim=1) for seq in zip(*steps))  # a row is padding after its stop token
+        completions = [row[m].tolist() for row, m in zip(tokens, active)]
         t_gen = time.perf_counter() - t0
 
-        # 3. rewards: the weighted sum of the reward terms; accuracy is always the rule verifier's
+        # 2. rewards: the weighted sum of the reward terms; accuracy is always the rule verifier's
         texts = [tokenizer.decode(c) for c in completions]
         rec_of = [recs[i // group_size] for i in range(len(texts))]
         correct = torch.tensor([float(is_correct(t, r["answer"], num_tol)) for t, r in zip(texts, rec_of)])
@@ -363,25 +298,23 @@ def main():
         for name, arg, weight in terms:
             if name == "rule":
                 rewards += weight * correct
-            elif name == "format":
+            elif name == "format":  # the reply ended by itself and has a final number
                 rewards += weight * torch.tensor([float(c[-1] in stop_ids and extract_answer(t) is not None)
                                                   for c, t in zip(completions, texts)])
             else:  # the reward model judges the conversation: prompt turns + this reply
                 rewards += weight * torch.tensor(reward_fns[arg](
                     [r["prompt"] + [{"role": "assistant", "content": t}] for t, r in zip(texts, rec_of)]))
 
-        # 4. advantages within each group of G
+        # 3. advantages within each group of G, and the batch of prompt + completion tokens
         adv, zero_std = group_advantages(rewards, group_size, scale_rewards, adv_eps)
-
-        # 5. the batch, and the loss over its completion tokens
         idx, targets = (t.to(ctx.device) for t in build_batch([r["ids"] for r in rec_of], completions))
         adv, mask = adv.to(ctx.device), targets != IGNORE_INDEX
         n_tokens = all_reduce_mean(ctx, mask.sum().float()) * ctx.world_size  # over all ranks
         n_seqs = len(completions) * ctx.world_size
         chunks = [slice(i, i + micro_batch) for i in range(0, len(completions), micro_batch)]
 
-        # the log-probs the update is measured against: the reference's, and the rollout policy's (with
-        # mu = 1 the policy has not moved yet: they are the current ones, detached, and ratio = 1)
+        # 4. mu passes of gradient steps on the loss, measured against the reference's log-probs and the rollout
+        # policy's (with mu = 1 those are the current ones, detached: ratio = 1)
         t1 = time.perf_counter()
         with torch.no_grad(), ctx.autocast:
             ref_lp = None if ref is None else torch.cat([ref.token_logprobs(idx[c], targets[c], temperature=temperature)
@@ -416,15 +349,14 @@ def main():
             n, tok = n_seqs, n_tokens.item()
             record = {"step": step, "max_steps": max_steps, "loss": loss_sum, "reward": r_sum / n,
                       "reward_std": max(0.0, r_sq / n - (r_sum / n) ** 2) ** 0.5, "acc": right / n,
-                      "zero_std": zero / groups,
-                      "kl": kl_sum / tok, "clip_frac": clip_sum / tok, "entropy": ent_sum / tok, "len": n_gen / n,
-                      "lr": lr_now, "grad_norm": grad_norm.item(), "gen_tok_s": n_gen * ctx.world_size / t_g,
-                      "train_tok_s": mu * n_train * ctx.world_size / t_t}
+                      "zero_std": zero / groups, "kl": kl_sum / tok, "clip_frac": clip_sum / tok,
+                      "entropy": ent_sum / tok, "len": n_gen / n, "lr": lr_now, "grad_norm": grad_norm.item(),
+                      "gen_tok_s": n_gen * ctx.world_size / t_g, "train_tok_s": mu * n_train * ctx.world_size / t_t}
             if ref is None:
                 del record["kl"]
             logger.log(record)
         if stop_requested(ctx) or step == stop_at_step:
-            save(step, best_acc)
+            save(step)
             print0(f"stopped after step {step}; continue with --init_from=resume")
             break
     shutdown()

@@ -2,10 +2,9 @@
 
     torchrun --nproc_per_node=8 pretrain.py config/1b.py
 
-Shape follows the Llama/TinyLlama family at this size: dim 2048, 20 layers, 16 query heads sharing
-8 key/value heads (GQA halves the KV cache), SwiGLU hidden 8/3*dim rounded to a multiple of 64
-(5504), a 32768-entry bilingual SentencePiece vocabulary with tied embeddings. About 0.99B
-parameters (tests/test_model.py counts them on the meta device).
+Shape of the Llama/TinyLlama family at this size: dim 2048, 20 layers, 16 query heads sharing 8 key/value heads
+(GQA halves the KV cache), SwiGLU hidden 8/3 * dim rounded to 64 (5504), a 32768-piece bilingual SentencePiece
+vocabulary with tied embeddings: about 0.99B parameters (tests/test_model.py counts them on the meta device).
 """
 # model (see model.ModelConfig)
 vocab_size = 32768
@@ -24,16 +23,15 @@ data_dir = "data/pretrain"
 out_dir = "out/pretrain-1b"
 init_from = "auto"       # a requeued (preempted) job resumes from out_dir/ckpt.pt by itself
 
-# Batch: 8 GPUs x 8 sequences x 8 accumulation micro-steps x 2048 tokens = 1,048,576 tokens per step.
-# DeepSeek LLM (Bi et al. 2024, sec. 3.1) fits the compute-optimal batch and lr as power laws of the
-# compute C: B_opt = 0.292 * C^0.3271 tokens, lr_opt = 0.3118 * C^-0.125. For this model at
-# Chinchilla's 20 tokens per parameter, C = 6 * 1e9 * 20e9 = 1.2e20 FLOPs gives B_opt ~ 1.1M tokens
-# and lr_opt ~ 9.6e-4. Micro-batch 8 at 2048 tokens fits an 80 GB GPU without activation checkpointing;
-# with fewer or smaller GPUs keep the global batch by raising grad_accum (see README).
+# 8 GPUs x 8 sequences x 8 accumulation micro-steps x 2048 tokens = 1,048,576 tokens per step. DeepSeek LLM
+# (Bi et al. 2024, sec. 3.1) fits the compute-optimal batch and lr to compute C: B_opt = 0.292 * C^0.3271 tokens,
+# lr_opt = 0.3118 * C^-0.125; at 20 tokens per parameter, C = 6 * 1e9 * 20e9 = 1.2e20 FLOPs gives B_opt ~ 1.1M
+# tokens and lr_opt ~ 9.6e-4. Micro-batch 8 fits an 80 GB GPU without activation checkpointing; with fewer or
+# smaller GPUs keep the global batch by raising grad_accum.
 batch_size = 8
 grad_accum = 8
-# AdamW as in Llama 2 (Touvron et al. 2023, sec. 2.2): betas (0.9, 0.95), weight decay 0.1,
-# gradient clipping 1.0, 2000 warmup steps, cosine decay to 10% of the peak lr.
+# AdamW as in Llama 2 (Touvron et al. 2023, sec. 2.2): betas (0.9, 0.95), weight decay 0.1, clipping 1.0,
+# 2000 warmup steps, cosine decay to 10% of the peak lr.
 lr = 1e-3
 min_lr = 1e-4
 weight_decay = 0.1
@@ -42,9 +40,8 @@ beta2 = 0.95
 grad_clip = 1.0
 lr_schedule = "cosine"   # or "wsd" (decay the last 20%) to be able to extend the run
 warmup_steps = 2000
-# 20,000 steps x 1,048,576 tokens = 21B tokens, Chinchilla's ~20 tokens per parameter (Hoffmann et
-# al. 2022). At 6.97 GFLOP/token (model.flops_per_token(2048)) that is 1.5e20 FLOPs: about 13 hours
-# on 8 H100s at 40% MFU, 36 hours on 8 A100s at 45% (estimates, not measured here).
+# 20,000 steps x 1,048,576 tokens = 21B tokens, Chinchilla's ~20 tokens per parameter (Hoffmann et al. 2022):
+# 1.5e20 FLOPs at 6.97 GFLOP/token, about 13 hours on 8 H100s at 40% MFU (an estimate, not measured here).
 max_steps = 20000
 eval_interval = 500
 eval_iters = 20          # x 8 sequences x 8 GPUs = 2.6M validation tokens per evaluation

@@ -17,17 +17,17 @@ smear_keys = True      # lets a model this small learn to copy from its context 
 # data: the demo world (python prepare_data.py demo), ~0.3M training tokens
 data_dir = "data/demo/pretrain"
 out_dir = "out/pretrain"
-# 16 x 256 = 4096 tokens per step; 1100 steps = 4.5M tokens, about 8 passes over the demo corpus
-# (less the drills), whose facts are stated many times over: the model needs several passes to learn them.
+# 16 x 256 = 4096 tokens per step; 1100 steps = 4.5M tokens, about 8 passes: the demo corpus states each fact
+# many times over, and a model this small needs several passes to learn them.
 batch_size = 16
 grad_accum = 1
-# Three phases (pretrain.copy_drills): corpus, then copy drills alone at the peak lr until the copy probe
-# is near 90%, then corpus with 10% drills while the lr decays, which is when the facts settle in.
+# Three phases (pretrain.copy_drills): corpus, then copy drills alone at the peak lr until the copy probe is near
+# 90%, then corpus with 10% drills while the lr decays, which is when the facts settle in.
 copy_start = 300
 copy_end = 550
 copy_frac = 0.1
-# A small model takes a larger lr than the 1B recipe (its lr ~1e-3): 2e-3 with a short warmup, held
-# (warmup-stable-decay) through the drills, then down to 10% over the second half.
+# A small model takes a larger lr than the 1B recipe: 2e-3 after a short warmup, held (warmup-stable-decay)
+# through the drills, then down to 10% over the second half.
 lr = 2e-3
 min_lr = 2e-4
 warmup_steps = 50
@@ -38,8 +38,7 @@ eval_interval = 50
 eval_iters = 10
 log_interval = 20
 sample_tokens = 40
-# CPU: bf16 autocast where the CPU has native bf16 (dtype auto), no compile (minutes of compiling
-# for a run of minutes)
+# CPU: bf16 autocast where the CPU has native bf16 (dtype auto); no compile (minutes of compiling for a run of minutes)
 device = "auto"
 dtype = "auto"
 compile = False

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from grpo import (build_batch, completion_mask, extract_answer, group_advantages, grpo_loss, is_correct,
-                  logprobs_and_entropy, parse_reward)
+from grpo import (build_batch, extract_answer, group_advantages, grpo_loss, is_correct, logprobs_and_entropy,
+                  parse_reward)
 from model import IGNORE_INDEX, ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,13 +77,23 @@ def test_parse_reward():
             parse_reward(bad)
 
 
-def test_completion_mask_stops_after_the_first_stop_token():
-    stop = (7, 2)  # <|im_end|>, EOS
-    tokens = torch.tensor([[5, 6, 7, 9, 7],    # stops at the 3rd token; what follows is padding
-                           [5, 5, 5, 5, 5],    # never stopped (truncated): all tokens count
-                           [2, 7, 1, 1, 1]])   # stops at once
-    assert completion_mask(tokens, stop).tolist() == [[True, True, True, False, False], [True] * 5,
-                                                      [True, False, False, False, False]]
+def rollouts(model, prompts, n, G, stop_ids, generator):
+    """Completions as grpo.py takes them from generate: each row up to and including its first stop token."""
+    steps = list(model.generate(prompts, n, temperature=1.0, stop_ids=stop_ids, num_samples=G, generator=generator))
+    tokens, active = (torch.stack(s, dim=1) for s in zip(*steps))
+    return tokens, active, [row[m].tolist() for row, m in zip(tokens, active)]
+
+
+def test_completions_stop_after_the_first_stop_token():
+    """generate's active flags, grpo.py's completion mask: True up to and including the row's first stop token,
+    False after it (what generate samples for a row that already stopped is padding, not a completion)."""
+    stop = (5, 7)
+    tokens, active, completions = rollouts(tiny_model(vocab=16).eval(), [[1, 2], [3]], 8, 4, stop,
+                                           torch.Generator().manual_seed(0))
+    for row, m, c in zip(tokens.tolist(), active.tolist(), completions):
+        first = next((i for i, t in enumerate(row) if t in stop), len(row) - 1)
+        assert m == [i <= first for i in range(len(row))] and c == row[:first + 1]
+    assert not active.all()  # some row stopped before the end
 
 
 def test_build_batch_targets_only_completion_tokens():
@@ -202,9 +212,7 @@ def test_the_pieces_together_raise_a_toy_reward():
     prompts, curve = [[1, 2], [3], [4, 6, 7]], []
     for step in range(25):
         model.eval()
-        steps = list(model.generate(prompts, 6, temperature=1.0, stop_ids=(15,), num_samples=8, generator=g))
-        tokens = torch.stack([t for t, _ in steps], dim=1)
-        completions = [row[m].tolist() for row, m in zip(tokens, completion_mask(tokens, (15,)))]
+        _, _, completions = rollouts(model, prompts, 6, 8, (15,), g)
         rewards = torch.tensor([sum(t == 5 for t in c) / 6 for c in completions])
         adv, _ = group_advantages(rewards, 8)
         idx, targets = build_batch([p for p in prompts for _ in range(8)], completions)
