@@ -1,20 +1,18 @@
-"""Benchmarks that state their ceilings: every number is printed next to the limit it is bounded by,
-and that limit is measured on this machine in the same run (nothing is quoted from a datasheet
-except, on CUDA, the datasheet peak shown beside the measured one).
+"""Benchmarks that state their ceilings: every number is printed next to the limit that bounds it, and that
+limit is measured on this machine in the same run (on CUDA the datasheet peak is shown beside the measured one).
 
-    python bench.py train              # tokens/s and MFU of a training step vs the measured matmul peak
-    python bench.py decode             # batch-1 decode tokens/s vs the memory-bandwidth bound
-    python bench.py generate           # batched sampling: tokens/s of 1, 4, 8, 16 samples
-    python bench.py serve              # serve.py on loopback: aggregate tokens/s of 1, 4, 8 clients
-    python bench.py data               # prepare_data.py tokenization MB/s with 1..all cores
-    python bench.py all                # all of the above, sized for ~5 minutes on a 2-core CPU
+    python bench.py train       # tokens/s and MFU of a training step vs the measured matmul peak
+    python bench.py decode      # batch-1 decode tokens/s vs the memory-bandwidth bound
+    python bench.py generate    # batched sampling: tokens/s of 1, 4, 8, 16 samples
+    python bench.py serve       # serve.py on loopback: aggregate tokens/s of 1, 4, 8 clients
+    python bench.py data        # prepare_data.py tokenization MB/s with 1..all cores
+    python bench.py all         # all of the above, eager and compiled, ~5 minutes on a 2-core CPU
 
-Each subcommand prints a table and appends one JSON line per measurement to --results
-(bench_results.jsonl). Options: --sizes (train: 15m,50m,100m,1b), --size (decode, generate, serve),
---dtypes, --compile (on | off | both; `all` runs both), --seconds; `python bench.py --help` lists them.
+Each prints a table and appends one JSON line per measurement to --results; `--help` lists the options.
 """
 import argparse
-import contextlib
+import http.client
+import itertools
 import json
 import os
 import platform
@@ -23,11 +21,13 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from common import measure_matmul_peak
+from common import measure_matmul_peak, save_checkpoint
 from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
 
 SIZES = {  # name -> model shape (vocab 32768 unless given: a real bilingual vocabulary)
     "15m": dict(vocab_size=4096, dim=384, n_layers=8, n_heads=6, n_kv_heads=6),
@@ -35,6 +35,7 @@ SIZES = {  # name -> model shape (vocab 32768 unless given: a real bilingual voc
     "100m": dict(vocab_size=32768, dim=768, n_layers=12, n_heads=12, n_kv_heads=4),
     "1b": dict(vocab_size=32768, dim=2048, n_layers=20, n_heads=16, n_kv_heads=8),
 }
+DEMO_TOKENIZER = "data/demo/pretrain/tokenizer.model"
 # Dense bf16 tensor-core peaks from the datasheets, shown next to the measured peak on CUDA.
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
@@ -57,142 +58,116 @@ def timed(fn, device, min_seconds=1.0, min_iters=3):
 
 
 def measure_bandwidth(device, nbytes=1 << 30):
-    """Bytes/s of streaming reads of a buffer far larger than any cache: the best of a reduction
-    (sum) and a copy (counted as read + write), a few times each. Decode reads every weight once
-    per token, so weight bytes / this is the fastest batch-1 decode can possibly be."""
+    """Bytes/s of streaming reads of a buffer far larger than any cache: the best of a sum and a copy (read +
+    write), a few times each. Decode reads every weight once per token, so weight bytes / this bounds it."""
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     y = torch.empty_like(x)
     best = 0.0
     for _ in range(3):
         best = max(best, nbytes / timed(lambda: x.sum(), device, 0.3))
         best = max(best, 2 * nbytes / timed(lambda: y.copy_(x), device, 0.3))
-    del x, y
     return best
-
-
-def datasheet_peak(device):
-    if not str(device).startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in DATASHEET_BF16.items() if k in name), None)
 
 
 def build(size, seq_len, device, dtype=torch.float32):
     torch.manual_seed(0)
-    cfg = ModelConfig(**SIZES[size], max_seq_len=max(seq_len, 64))
-    return Transformer(cfg).to(device=device, dtype=dtype)
+    return Transformer(ModelConfig(**SIZES[size], max_seq_len=max(seq_len, 64))).to(device=device, dtype=dtype)
 
 
-# ---- train: tokens/s and MFU -----------------------------------------------------------------------
+def compile_modes(a):
+    return [False, True] if a.compile == "both" else [a.compile == "on"]
+
 
 def bench_train(a, out):
-    """Training step tokens/s and MFU. The matmul peak is measured just before and just after each
-    configuration is timed, and the step is held to the higher of the two: on a shared machine the
-    peak drifts with the neighbours' load (see bench_decode)."""
+    """Training step tokens/s and MFU, held to the higher of the matmul peaks measured just before and just
+    after the timing: on a shared machine the peak drifts with the neighbours' load."""
     device = a.device
-    for size in a.sizes.split(","):
-        for dtype in a.dtypes.split(","):
-            for compile_ in ([False, True] if a.compile == "both" else [a.compile == "on"]):
-                model = build(size, a.seq_len, device)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
-                fwd = torch.compile(model) if compile_ else model
-                amp = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bfloat16"
-                       else contextlib.nullcontext())
-                x = torch.randint(0, model.cfg.vocab_size, (a.batch_size, a.seq_len + 1), device=device)
+    for size, dtype, compile_ in itertools.product(a.sizes.split(","), a.dtypes.split(","), compile_modes(a)):
+        model = build(size, a.seq_len, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+        fwd = torch.compile(model) if compile_ else model
+        amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+        x = torch.randint(0, model.cfg.vocab_size, (a.batch_size, a.seq_len + 1), device=device)
 
-                def step():
-                    with amp:
-                        _, loss = fwd(x[:, :-1], x[:, 1:])
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                step()  # compile happens here
-                before = measure_matmul_peak(device, getattr(torch, dtype))
-                dt = timed(step, device, a.seconds)
-                peak = max(before, measure_matmul_peak(device, getattr(torch, dtype)))
-                tok_s = a.batch_size * a.seq_len / dt
-                flops = model.flops_per_token(a.seq_len) * tok_s
-                row = dict(bench="train", size=size, params=model.num_params(), dtype=dtype, compile=compile_,
-                           batch=a.batch_size, seq_len=a.seq_len, step_ms=dt * 1e3, tokens_per_s=tok_s,
-                           achieved_tflops=flops / 1e12, peak_tflops=peak / 1e12, mfu=flops / peak)
-                if str(device).startswith("cuda"):
-                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-                    if datasheet_peak(device):
-                        row["mfu_datasheet"] = flops / datasheet_peak(device)
-                out(row, f"train {size:>4} {dtype:>8} compile={str(compile_):5}  {tok_s:10,.0f} tok/s  "
-                         f"{flops / 1e12:7.3f} TFLOP/s  MFU {row['mfu']:6.1%} of measured {dtype} peak "
-                         f"{peak / 1e12:.3f} TFLOP/s (measured just before and after)")
-                del model, opt, fwd
+        def step():
+            with amp:
+                _, loss = fwd(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()  # compile happens here
+        before = measure_matmul_peak(device, getattr(torch, dtype))
+        dt = timed(step, device, a.seconds)
+        peak = max(before, measure_matmul_peak(device, getattr(torch, dtype)))
+        tok_s = a.batch_size * a.seq_len / dt
+        flops = model.flops_per_token(a.seq_len) * tok_s
+        row = dict(bench="train", size=size, params=model.num_params(), dtype=dtype, compile=compile_,
+                   batch=a.batch_size, seq_len=a.seq_len, step_ms=dt * 1e3, tokens_per_s=tok_s,
+                   achieved_tflops=flops / 1e12, peak_tflops=peak / 1e12, mfu=flops / peak)
+        if device.startswith("cuda"):
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            sheet = next((v for k, v in DATASHEET_BF16.items() if k in torch.cuda.get_device_name()), None)
+            if sheet:
+                row["mfu_datasheet"] = flops / sheet
+        out(row, f"train {size:>4} {dtype:>8} compile={str(compile_):5}  {tok_s:10,.0f} tok/s  "
+                 f"{flops / 1e12:7.3f} TFLOP/s  MFU {row['mfu']:6.1%} of measured {dtype} peak "
+                 f"{peak / 1e12:.3f} TFLOP/s (measured just before and after)")
+        del model, opt, fwd
 
-
-# ---- decode: batch-1 tokens/s vs the bandwidth bound -------------------------------------------------
 
 def bench_decode(a, out):
-    """Batch-1 greedy decode: seconds per token after the prompt (prefill is compute-bound and timed
-    apart), held to weight bytes / memory bandwidth, the fastest any batch-1 decode can read them.
+    """Batch-1 greedy decode tokens/s after the prompt (prefill is compute-bound and timed apart), held to
+    weight bytes / memory bandwidth. The shared machine's bandwidth drifts by tens of percent within a minute,
+    so each repeat is held to the higher of the bandwidths measured just before and after it; a row reports
+    its median repeat, and its fraction of the run's best bandwidth too."""
+    device, rows, run_bws = a.device, [], []
+    for dtype, compile_ in itertools.product(a.dtypes.split(","), compile_modes(a)):
+        model = build(a.size, 1024, device, getattr(torch, dtype)).eval()
+        if compile_:
+            model.compile_for_decode()
+        wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        prompt = [list(range(1, a.prompt_len + 1))]
 
-    This machine's memory bandwidth is shared with other tenants and drifts by tens of percent within a
-    minute (33-74 GB/s on the 2-core CPU), so a bound measured a minute away measures the neighbours,
-    not the program. Each repeat is therefore timed between two bandwidth measurements and held to the
-    higher of the two; a row reports its median repeat. The run's highest bandwidth is printed too."""
-    device = a.device
-    rows, run_bws = [], []
-    for dtype in a.dtypes.split(","):
-        for compile_ in ([False, True] if a.compile == "both" else [a.compile == "on"]):
-            model = build(a.size, 1024, device, getattr(torch, dtype)).eval()
-            if compile_:
-                model.compile_for_decode()
-            wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            prompt = [list(range(1, a.prompt_len + 1))]
-
-            def run():
-                """(prefill seconds, seconds per decoded token) of one greedy generation."""
-                t0 = time.perf_counter()
-                times = []
-                for _ in model.generate(prompt, a.tokens, temperature=0):
-                    sync(device)
-                    times.append(time.perf_counter())
-                return times[0] - t0, (times[-1] - times[0]) / (len(times) - 1)
-            run()  # warm-up (and compilation)
-            reps = []
-            bw = measure_bandwidth(device)
-            run_bws.append(bw)
-            for _ in range(a.repeats):
-                prefill, dt = run()
-                bw_after = measure_bandwidth(device)
-                held = max(bw, bw_after)
-                reps.append(dict(tokens_per_s=1 / dt, prefill_ms=prefill * 1e3, bandwidth_gbs=held / 1e9,
-                                 fraction_of_bound=wbytes / held / dt))
-                run_bws.append(bw_after)
-                bw = bw_after
-            med = sorted(reps, key=lambda r: r["fraction_of_bound"])[(len(reps) - 1) // 2]  # (the lower, if even)
-            rows.append(dict(bench="decode", size=a.size, params=model.num_params(), dtype=dtype, compile=compile_,
-                             weight_mb=wbytes / 1e6, **med, bound_tokens_per_s=med["bandwidth_gbs"] * 1e9 / wbytes,
-                             repeats=reps))
-            del model
+        def run():  # (prefill seconds, seconds per decoded token) of one greedy generation
+            t0, times = time.perf_counter(), []
+            for _ in model.generate(prompt, a.tokens, temperature=0):
+                sync(device)
+                times.append(time.perf_counter())
+            return times[0] - t0, (times[-1] - times[0]) / (len(times) - 1)
+        run()  # warm-up (and compilation)
+        reps = []
+        run_bws.append(measure_bandwidth(device))
+        for _ in range(a.repeats):
+            prefill, dt = run()
+            run_bws.append(measure_bandwidth(device))
+            held = max(run_bws[-2:])
+            reps.append(dict(tokens_per_s=1 / dt, prefill_ms=prefill * 1e3, bandwidth_gbs=held / 1e9,
+                             fraction_of_bound=wbytes / held / dt))
+        med = sorted(reps, key=lambda r: r["fraction_of_bound"])[(len(reps) - 1) // 2]  # (the lower, if even)
+        rows.append(dict(bench="decode", size=a.size, params=model.num_params(), dtype=dtype, compile=compile_,
+                         weight_mb=wbytes / 1e6, **med, bound_tokens_per_s=med["bandwidth_gbs"] * 1e9 / wbytes,
+                         repeats=reps))
+        del model
     top = max(run_bws)
     for r in rows:
         r["fraction_of_run_max_bound"] = r["tokens_per_s"] * r["weight_mb"] * 1e6 / top
         each = ", ".join(f"{x['fraction_of_bound']:.0%}" for x in r["repeats"])
         out(r, f"decode {a.size} {r['dtype']:>8} compile={str(r['compile']):5} {r['tokens_per_s']:8.1f} tok/s   "
                f"bound {r['bound_tokens_per_s']:7.1f} tok/s ({r['weight_mb']:.0f} MB weights / "
-               f"{r['bandwidth_gbs']:.1f} GB/s)  -> {r['fraction_of_bound']:6.1%} "
-               f"(repeats {each}; "
+               f"{r['bandwidth_gbs']:.1f} GB/s)  -> {r['fraction_of_bound']:6.1%} (repeats {each}; "
                f"{r['fraction_of_run_max_bound']:.0%} of the run's best {top / 1e9:.1f} GB/s)")
-    print(f"decode: tokens/s after the prompt, median of {a.repeats} repeats, each held to the higher of the "
-          f"bandwidths measured just before and after it (GB/s, in order: {', '.join(f'{x / 1e9:.0f}' for x in run_bws)})")
+    print(f"decode: median of {a.repeats} repeats, each held to the higher bandwidth measured around it "
+          f"(GB/s, in order: {', '.join(f'{x / 1e9:.0f}' for x in run_bws)})")
 
-
-# ---- generate: batched sampling ----------------------------------------------------------------------
 
 def bench_generate(a, out):
+    """n samples of one prompt decoded as one batch: the ceiling is n times one sample's tokens/s."""
     model = build(a.size, 1024, a.device).eval()
     prompt, base = [list(range(1, a.prompt_len + 1))], None
     for n in (1, 4, 8, 16):
         g = torch.Generator(device=a.device).manual_seed(0)
 
-        def run():
-            # stop_ids=() and a fixed length: every row produces exactly a.tokens tokens
+        def run():  # no stop ids: every row produces exactly a.tokens tokens
             for _ in model.generate(prompt, a.tokens, temperature=1.0, top_p=0.95, num_samples=n, generator=g):
                 pass
         tok_s = n * a.tokens / min(timed(run, a.device, 0) for _ in range(a.repeats))
@@ -201,32 +176,26 @@ def bench_generate(a, out):
             f"generate {a.size} samples={n:>2}  {tok_s:8.1f} tok/s  {tok_s / base:5.2f}x of 1 sample")
 
 
-# ---- serve: concurrent streaming clients on loopback -------------------------------------------------
+def demo_tokenizer():
+    """The demo's tokenizer path; `prepare_data.py demo` (about a second) makes it if it is missing."""
+    if not os.path.isfile(DEMO_TOKENIZER):
+        subprocess.run([sys.executable, "prepare_data.py", "demo"], check=True)
+    return DEMO_TOKENIZER
+
 
 def make_out_dir(size, path):
     """A random-weight model of the given size with the demo tokenizer, saved like a training run."""
-    from common import save_checkpoint
-    from tokenizer import Tokenizer, train_tokenizer
-    tok_path = "data/demo/pretrain/tokenizer.model"
-    if os.path.isfile(tok_path):
-        tok = Tokenizer.load(tok_path)
-    else:
-        words = ["river", "town", "cat", "number", "学习", "城市", "小猫", "数字", "the", "and"]
-        text = [" ".join(words[(i * 7 + j) % len(words)] for j in range(20)) for i in range(2000)]
-        tok = train_tokenizer(text, 300, os.path.join(path, "tokenizer.model"))
-    shape = dict(SIZES[size], vocab_size=tok.vocab_size)
-    model = Transformer(ModelConfig(**shape, max_seq_len=1024))
+    tok = Tokenizer.load(demo_tokenizer())
+    model = Transformer(ModelConfig(**dict(SIZES[size], vocab_size=tok.vocab_size), max_seq_len=1024))
     save_checkpoint(path, {"model": model.state_dict(), "model_config": model.cfg.to_dict(), "config": {}, "step": 0})
     tok.save(path)
 
 
-def stream_one(port, max_tokens, results, i, requests=2):
-    """One client: `requests` streaming chat completions one after another; counts the completion
-    tokens the server reports in its final usage chunk."""
-    import http.client
+def stream_one(port, max_tokens, i, requests=2):
+    """One client's completion tokens (from the final usage chunk) over `requests` streaming chats in a row."""
     n = 0
     for r in range(requests):
-        body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": f"hello {i} {r}"}],
+        body = json.dumps({"messages": [{"role": "user", "content": f"hello {i} {r}"}],  # no "model": the served one
                            "max_tokens": max_tokens, "temperature": 1.0, "seed": i * 100 + r, "stream": True,
                            "stream_options": {"include_usage": True}, "ignore_eos": True})
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -236,12 +205,12 @@ def stream_one(port, max_tokens, results, i, requests=2):
                 usage = json.loads(line[6:]).get("usage")
                 n += usage["completion_tokens"] if usage else 0
         conn.close()
-    results[i] = n
+    return n
 
 
 def bench_serve(a, out):
-    """Clients stream concurrently; the server batches their decode steps (continuous batching), so
-    the ceiling for c clients is c times one client's speed if a decode step cost the same at batch c."""
+    """Clients stream concurrently and the server batches their decode steps (continuous batching): the
+    ceiling for c clients is c times one client's speed, if a decode step cost the same at batch c."""
     with tempfile.TemporaryDirectory() as d:
         make_out_dir(a.size, d)
         cmd = [sys.executable, "serve.py", f"--out_dir={d}", "--port=0", "--max_batch=8", f"--device={a.device}"]
@@ -249,60 +218,47 @@ def bench_serve(a, out):
             cmd.append(f"--threads={a.threads}")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            port = None
-            for line in proc.stdout:  # serve.py prints its URL when it is ready
-                if "http://127.0.0.1:" in line:
-                    port = int(line.split("http://127.0.0.1:")[1].split("/")[0].split()[0])
-                    break
-            if port is None:
+            url = next((line for line in proc.stdout if "http://127.0.0.1:" in line), None)  # printed when ready
+            if url is None:
                 raise SystemExit("serve.py did not start")
+            port = int(url.split("http://127.0.0.1:")[1].split("/")[0].split()[0])
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its log
-            stream_one(port, 8, {}, 0, requests=1)  # warm-up: first-call allocations are not the server's speed
+            stream_one(port, 8, 0, requests=1)  # warm-up: first-call allocations are not the server's speed
             base = None
             for clients in (1, 4, 8):
-                results = {}
-                threads = [threading.Thread(target=stream_one, args=(port, a.tokens, results, i)) for i in range(clients)]
-                t0 = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                dt = time.perf_counter() - t0
-                tok_s = sum(results.values()) / dt
+                with ThreadPoolExecutor(clients) as pool:
+                    t0 = time.perf_counter()
+                    tokens = sum(pool.map(lambda i: stream_one(port, a.tokens, i), range(clients)))
+                    dt = time.perf_counter() - t0
+                tok_s = tokens / dt
                 base = base or tok_s
-                out(dict(bench="serve", size=a.size, clients=clients, tokens=sum(results.values()),
-                         tokens_per_s=tok_s, speedup_vs_1=tok_s / base),
-                    f"serve {a.size} clients={clients}  {sum(results.values()):5d} tokens  {tok_s:8.1f} tok/s  "
+                out(dict(bench="serve", size=a.size, clients=clients, tokens=tokens, tokens_per_s=tok_s,
+                         speedup_vs_1=tok_s / base),
+                    f"serve {a.size} clients={clients}  {tokens:5d} tokens  {tok_s:8.1f} tok/s  "
                     f"{tok_s / base:5.2f}x of 1 client")
         finally:
             proc.terminate()
             proc.wait(timeout=30)
 
 
-# ---- data: tokenization throughput --------------------------------------------------------------------
-
 def bench_data(a, out):
-    """prepare_data.py pretrain on the demo corpus repeated to ~a.data_mb MB, with 1..all processes.
-    The ceiling for n processes is n times the 1-process speed."""
-    if not os.path.isfile("data/demo/pretrain/tokenizer.model"):
-        subprocess.run([sys.executable, "prepare_data.py", "demo"], check=True)
-    src = "data/demo/corpus"
+    """prepare_data.py pretrain on the demo corpus repeated to ~a.data_mb MB, with 1..all processes (the whole
+    command, timed): the ceiling for n processes is n times one process's speed."""
+    tokenizer, src = demo_tokenizer(), "data/demo/corpus"
     text = "".join(open(os.path.join(src, f), encoding="utf-8").read() for f in sorted(os.listdir(src)))
     base = None
     with tempfile.TemporaryDirectory() as corpus:
-        copies = max(1, int(a.data_mb * 1e6 / len(text.encode())))
-        for i in range(copies):  # one file per copy: documents stay as the demo writes them
+        for i in range(max(1, int(a.data_mb * 1e6 / len(text.encode())))):  # one file per copy, as the demo's
             with open(os.path.join(corpus, f"part{i:03d}.txt"), "w", encoding="utf-8") as f:
                 f.write(text)
         for n in range(1, (os.cpu_count() or 1) + 1):
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
-                subprocess.run([sys.executable, "prepare_data.py", "pretrain", corpus, "--tokenizer",
-                                "data/demo/pretrain/tokenizer.model", "--out_dir", d, f"--num_proc={n}"],
+                subprocess.run([sys.executable, "prepare_data.py", "pretrain", corpus, "--tokenizer", tokenizer,
+                                "--out_dir", d, f"--num_proc={n}"],
                                capture_output=True, text=True, check=True)
                 wall = time.perf_counter() - t0
-                meta = json.load(open(os.path.join(d, "meta.json")))
-            mb = meta["text_bytes"] / 1e6
+                mb = json.load(open(os.path.join(d, "meta.json")))["text_bytes"] / 1e6
             mbs = mb / wall
             base = base or mbs
             out(dict(bench="data", processes=n, mb=mb, seconds=wall, mb_per_s=mbs, speedup_vs_1=mbs / base),
@@ -337,20 +293,21 @@ def main():
     env = dict(host=platform.node(), cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                torch=torch.__version__, device=a.device,
                gpu=torch.cuda.get_device_name() if a.device.startswith("cuda") else None)
-    print(f"# bench {a.what} on {env['device']} ({env['gpu'] or str(env['threads']) + ' threads'}), torch {env['torch']}")
+    where = env["gpu"] or f"{env['threads']} threads"
+    print(f"# bench {a.what} on {a.device} ({where}), torch {torch.__version__}")
 
     def out(row, line):
         print(line, flush=True)
         with open(a.results, "a") as f:
             f.write(json.dumps({**row, **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
-    jobs = ["train", "decode", "generate", "serve", "data"] if a.what == "all" else [a.what]
-    a.compile = a.compile or ("both" if a.what == "all" else "off")
-    for job in jobs:
+    everything = a.what == "all"
+    a.compile = a.compile or ("both" if everything else "off")
+    for job in ["train", "decode", "generate", "serve", "data"] if everything else [a.what]:
         if job == "train" and a.dtypes is None:
-            a.dtypes = "bfloat16" if a.what == "all" else "bfloat16,float32"  # all: the target's dtype
-        if job == "decode":
-            a.dtypes = a.dtypes if a.what != "all" and a.dtypes else "float32,bfloat16"
+            a.dtypes = "bfloat16" if everything else "bfloat16,float32"  # all: the target's dtype
+        if job == "decode" and (everything or not a.dtypes):
+            a.dtypes = "float32,bfloat16"
         globals()["bench_" + job](a, out)
 
 
