@@ -4,20 +4,15 @@
     python serve.py --out_dir=out/sft --host=0.0.0.0 --port=8080 --api_key=secret --max_batch=16
     python serve.py --out_dir=out/sft --rag_index=out/rag --rag_k=3   # chat answers grounded in an index
 
-POST /v1/chat/completions and /v1/completions, GET /v1/models, /health and / (the page); fields, limits and
-errors: docs/serving.md. Standard library only. Continuous batching: one worker thread owns the model and a
-KV cache of max_batch rows; before each decode step it prefills waiting requests into free rows, and every
-row samples with its request's own torch.Generator, so a seeded answer does not depend on its neighbours.
+POST /v1/chat/completions and /v1/completions, GET /v1/models, /health and / (the page): docs/serving.md has their
+fields, limits and errors. Standard library only; HTTP threads check requests, engine.py's worker decodes them.
 """
-import collections
 import hmac
 import json
 import os
-import queue
 import selectors
 import socket
 import sys
-import threading
 import time
 import traceback
 import uuid
@@ -29,9 +24,8 @@ import torch
 from common import die, load_model
 from configurator import configure
 from data_formats import DataError
-from model import sample_next
+from engine import Engine, Request
 from rag import Retriever, grounded_prompt, source_list
-from tokenizer import StreamDecoder
 
 # -- config (python serve.py --key=value) ------------------------------------------------------------
 out_dir = "out/sft"          # the run to serve: ckpt.pt + tokenizer + config.json
@@ -61,178 +55,6 @@ KINDS = {bool: (bool, "true or false"), str: (str, "a string"), dict: (dict, "an
 def chat_prompt(tok, messages):
     """Messages -> ChatML prompt ids. Text is encoded as plain text: typing <|im_start|> never gives the control id."""
     return tok.render_chat(messages, add_generation_prompt=True)[0]
-
-
-# -- the model worker --------------------------------------------------------------------------------
-class Request:
-    """One API request. The worker puts ("delta", choice, text), ("done", choice, finish_reason, n_tokens) or
-    ("error", message) on `events`; the HTTP thread sets `cancelled` when its client has gone."""
-
-    def __init__(self, prompt, max_tokens, temperature=1.0, top_p=1.0, top_k=0, stop=(), seed=None, n=1,
-                 ignore_eos=False, sources=None):
-        self.prompt, self.max_tokens, self.n, self.sources = prompt, max_tokens, n, sources
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-        self.stop, self.seed, self.ignore_eos = tuple(stop), seed, ignore_eos
-        self.events = queue.Queue()
-        self.cancelled = threading.Event()
-
-
-class Choice:
-    """One completion of a request, generated in one cache row."""
-
-    def __init__(self, req, index, tok, device):
-        self.req, self.index = req, index
-        self.decoder = StreamDecoder(tok)   # ids -> text, never half a character
-        self.text, self.sent, self.tokens = "", 0, 0
-        self.generator = None
-        if req.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            if req.seed is None:
-                self.generator.seed()      # a fresh random seed
-            else:                          # choice i of a seeded request: seed + i
-                self.generator.manual_seed((req.seed + index) % 2**64)
-
-    def add(self, token, stop_ids):
-        """Take one sampled token, send the text that can no longer change; True when this choice is done."""
-        self.tokens += 1
-        finish = "stop" if token in stop_ids else None
-        if not finish:
-            self.text += self.decoder.push(token)
-        if finish or self.tokens >= self.req.max_tokens:
-            self.text += self.decoder.flush()
-            finish = finish or "length"
-        hold = 0
-        for s in self.req.stop:            # cut at a stop string (it is not part of the answer)
-            i = self.text.find(s, self.sent)
-            if i >= 0:
-                self.text, finish = self.text[:i], "stop"
-        if not finish:                     # hold back a tail that may still grow into a stop string
-            hold = max([k for s in self.req.stop for k in range(1, len(s)) if self.text.endswith(s[:k])],
-                       default=0)
-        end = len(self.text) - hold
-        if end > self.sent:
-            self.req.events.put(("delta", self.index, self.text[self.sent:end]))
-            self.sent = end
-        if finish:
-            self.req.events.put(("done", self.index, finish, self.tokens))
-        return finish is not None
-
-
-class Engine:
-    """The model worker: continuous batching over a fixed number of KV-cache rows."""
-
-    def __init__(self, model, tok, max_batch=8, max_queue=32):
-        self.model, self.tok = model.eval(), tok
-        self.device = model.tok_embeddings.weight.device
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.cache = model.new_cache(max_batch)
-        self.logits = torch.zeros(max_batch, model.cfg.vocab_size, device=self.device)
-        self.rows = [None] * max_batch           # row -> the Choice decoding there, or None (free)
-        self.pending = collections.deque()       # requests waiting for rows, first come first served
-        self.cond = threading.Condition()
-        self.stop_ids = set(tok.stop_ids)        # <|im_end|> and EOS end an answer
-        self.stats = collections.Counter(requests=0, tokens=0, cancelled=0, peak_active=0)  # for /health
-        self.running = True
-        self.thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
-        self.thread.start()
-
-    def submit(self, req):
-        """Queue a request; False when the queue is full."""
-        with self.cond:
-            if len(self.pending) >= self.max_queue:
-                return False
-            self.pending.append(req)
-            self.stats["requests"] += 1
-            self.cond.notify()
-            return True
-
-    def close(self):
-        with self.cond:
-            self.running = False
-            self.cond.notify()
-        self.thread.join()
-
-    def load(self):
-        """(active rows, queued requests)."""
-        return sum(c is not None for c in self.rows), len(self.pending)
-
-    def _loop(self):
-        with torch.inference_mode():
-            while True:
-                with self.cond:
-                    while self.running and not self.pending and self.load()[0] == 0:
-                        self.cond.wait()
-                    if not self.running:
-                        return
-                    new_rows = self._admit()
-                try:
-                    if new_rows:
-                        self._prefill(new_rows)
-                    self._step()
-                except Exception as e:  # keep serving: fail the requests in flight, not the server
-                    traceback.print_exc()
-                    for r, c in enumerate(self.rows):
-                        if c is not None:
-                            c.req.events.put(("error", f"model worker error: {type(e).__name__}: {e}"))
-                            self.rows[r] = None
-                    self.cache.reset(torch.arange(self.max_batch, device=self.device))
-
-    def _admit(self):
-        """Move waiting requests into free rows (in arrival order; a request needs a row per choice)."""
-        free = [r for r, c in enumerate(self.rows) if c is None]
-        new_rows = []
-        while self.pending and self.pending[0].n <= len(free):
-            req = self.pending.popleft()
-            if req.cancelled.is_set():   # its client left while it waited
-                continue
-            for i in range(req.n):
-                r = free.pop(0)          # lowest free row first: keeps the active rows packed low
-                self.rows[r] = Choice(req, i, self.tok, self.device)
-                new_rows.append(r)
-        self.stats["peak_active"] = max(self.stats["peak_active"], self.load()[0])
-        return new_rows
-
-    def _prefill(self, new_rows):
-        """Run the new prompts (right-padded, one per row) into their rows in one forward."""
-        prompts = [self.rows[r].req.prompt for r in new_rows]
-        idx = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True)
-        rows = torch.tensor(new_rows, device=self.device)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        self.cache.reset(rows)
-        self.logits[rows] = self.model.forward_cached(idx.to(self.device), self.cache, rows=rows, lengths=lengths)
-
-    def _step(self):
-        """Sample one token for every active row, then one forward for all rows that go on."""
-        greedy = self.logits.argmax(dim=-1).tolist()
-        next_tokens = [0] * self.max_batch
-        for r, c in enumerate(self.rows):
-            if c is None:
-                continue
-            req = c.req
-            if req.cancelled.is_set():  # its client left
-                self.rows[r] = None
-                self.stats["cancelled"] += 1
-                continue
-            if req.temperature == 0:
-                t = greedy[r]
-            else:  # one row at a time, with this request's own generator
-                t = int(sample_next(self.logits[r:r + 1], req.temperature, req.top_k or None, req.top_p, c.generator))
-            next_tokens[r] = t
-            self.stats["tokens"] += 1
-            if c.add(t, () if req.ignore_eos else self.stop_ids):
-                self.rows[r] = None
-        live = [r for r, c in enumerate(self.rows) if c is not None]
-        if not live:
-            return
-        # Decode rows 0..hi-1 only (the active rows are packed low). A free row in that range decodes a
-        # throwaway token from position 0: cheaper than gathering the active rows out of the cache.
-        hi = live[-1] + 1
-        idle = [r for r in range(hi) if self.rows[r] is None]
-        if idle:
-            self.cache.reset(torch.tensor(idle, device=self.device))
-        tokens = torch.tensor(next_tokens[:hi], device=self.device)[:, None]
-        rows = None if hi == self.max_batch else torch.arange(hi, device=self.device)
-        self.logits[:hi] = self.model.forward_cached(tokens, self.cache, rows=rows)
 
 
 # -- request validation ------------------------------------------------------------------------------
@@ -338,15 +160,12 @@ def parse_request(body, chat, tok, limits, rag=None):
                             f"the completion). Please reduce the length of the {name} or '{key}'.", key,
                        "context_length_exceeded")
     req = Request(prompt, max_tokens, temperature=v["temperature"], top_p=v["top_p"], top_k=v["top_k"], stop=stop,
-                  seed=v["seed"], n=v["n"], ignore_eos=v["ignore_eos"], sources=sources)
+                  seed=v["seed"], n=v["n"], ignore_eos=v["ignore_eos"])
+    req.sources = sources  # the chunks the answer is grounded in, sent back with it (None: no retrieval)
     return req, v["stream"], field(v["stream_options"], "include_usage", bool, False)
 
 
 # -- HTTP ----------------------------------------------------------------------------------------------
-class ClientGone(OSError):
-    """The client closed the connection, or stopped reading or sending (socket timeout)."""
-
-
 def sse(obj):
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
@@ -377,7 +196,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._check_key()
             getattr(self, name)()
             self._discard_body()  # a GET that came with a body must not garble the next request
-        except ClientGone:
+        except (ConnectionError, TimeoutError):  # the client left, or stopped reading or sending (socket timeout)
             self.close_connection = True
         except ApiError as e:
             self._fail(e)
@@ -418,20 +237,16 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def _write(self, data, status=None, headers=()):
-        """Send bytes, or a dict as JSON; a status line and headers first when status is given.
-        Raises ClientGone when the client is not there to read it."""
+        """Send bytes, or a dict as JSON; a status line and headers first when status is given."""
         if isinstance(data, dict):
             data = json.dumps(data, ensure_ascii=False).encode()
             headers = {"Content-Type": "application/json", "Content-Length": len(data), **dict(headers)}
-        try:
-            if status:
-                self.send_response(status)
-                for k, v in dict(headers).items():
-                    self.send_header(k, v)
-                self.end_headers()
-            self.wfile.write(data)
-        except OSError:  # broken pipe, reset, timeout
-            raise ClientGone
+        if status:
+            self.send_response(status)
+            for k, v in dict(headers).items():
+                self.send_header(k, v)
+            self.end_headers()
+        self.wfile.write(data)
 
     def _content_length(self):
         """The body's length, or None when it has no usable Content-Length (chunked or malformed)."""
@@ -441,8 +256,7 @@ class Handler(BaseHTTPRequestHandler):
     def _discard_body(self):
         """Read and drop an unread body (up to 4x the limit): closing a socket with unread input makes the
         kernel send a reset, and the client may then lose the reply just sent."""
-        left = 0 if self.body_read else self._content_length() or 0
-        left = min(left, 4 * self.server.app["max_body_bytes"])
+        left = 0 if self.body_read else min(self._content_length() or 0, 4 * self.server.app["max_body_bytes"])
         while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
             left -= len(chunk)
 
@@ -454,10 +268,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "bad Content-Length header")
         if length > limit:
             raise ApiError(413, f"request body is {length} bytes; the limit is {limit}", code="request_too_large")
-        try:
-            body = self.rfile.read(length)
-        except OSError:  # the client stopped sending (timeout) or went away
-            raise ClientGone
+        body = self.rfile.read(length)
         self.body_read = True
         try:
             obj = json.loads(body)
@@ -486,15 +297,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _health(self):
         app, engine = self.server.app, self.server.engine
-        active, queued = engine.load()
         self._write({"status": "ok", "model": app["model"], "context": app["limits"]["context"],
-                     "slots": engine.max_batch, "active": active, "queued": queued,
-                     "api_key_required": bool(app["api_key"]), **engine.stats}, 200)
+                     "slots": engine.max_batch, **engine.load(), "api_key_required": bool(app["api_key"]),
+                     **engine.stats}, 200)
 
     def _models(self):
         app = self.server.app
-        self._write({"object": "list", "data": [{"id": app["model"], "object": "model", "created": app["created"],
-                                                 "owned_by": "astrai-nano"}]}, 200)
+        model = {"id": app["model"], "object": "model", "created": app["created"], "owned_by": "astrai-nano"}
+        self._write({"object": "list", "data": [model]}, 200)
 
     def _generate(self):
         app, engine, chat = self.server.app, self.server.engine, self.route == "/v1/chat/completions"
@@ -513,59 +323,39 @@ class Handler(BaseHTTPRequestHandler):
                 "model": app["model"]}
         sources = {} if req.sources is None else {"sources": req.sources}  # in a stream's first chunk only
 
-        def choice(i, text, finish, message):
-            if not chat:
-                return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-            return {"index": i, "delta" if stream else "message": message, "logprobs": None, "finish_reason": finish}
+        def choice(i, finish, message):  # completions send the message's text only
+            part = {"delta" if stream else "message": message} if chat else {"text": message.get("content", "")}
+            return {"index": i, **part, "logprobs": None, "finish_reason": finish}
 
         try:
             if stream:  # server-sent events in OpenAI's chunk format, then `data: [DONE]`
                 self.streaming = self.close_connection = True
-                roles = [sse({**head, "choices": [choice(i, "", None, {"role": "assistant", "content": ""})],
+                roles = [sse({**head, "choices": [choice(i, None, {"role": "assistant", "content": ""})],
                               **(sources if i == 0 else {})}) for i in range(req.n)] if chat else []
                 self._write(b"".join(roles), 200, {"Content-Type": "text/event-stream; charset=utf-8",
                                                    "Cache-Control": "no-cache",
                                                    "Connection": "close",      # the stream ends when we close
                                                    "X-Accel-Buffering": "no"})  # proxies (nginx): do not buffer
-            texts, finish, tokens = [""] * req.n, [None] * req.n, 0
-            while not all(finish):
-                chunks = []
-                for event in self._ready_events(req):
-                    i = event[1]
-                    if event[0] == "delta":
-                        texts[i] += event[2]
-                        chunks.append(choice(i, event[2], None, {"content": event[2]}))
-                    else:
-                        finish[i], tokens = event[2], tokens + event[3]
-                        chunks.append(choice(i, "", event[2], {}))
-                usage = {"prompt_tokens": len(req.prompt), "completion_tokens": tokens,
-                         "total_tokens": len(req.prompt) + tokens}
-                if stream:  # everything that is ready in one write
-                    out = [sse({**head, "choices": [c]}) for c in chunks]
-                    if all(finish) and include_usage:
-                        out.append(sse({**head, "choices": [], "usage": usage}))
-                    self._write(b"".join(out) + (b"data: [DONE]\n\n" if all(finish) else b""))
-            if not stream:
-                choices = [choice(i, t, finish[i], {"role": "assistant", "content": t}) for i, t in enumerate(texts)]
+            for events in req.updates(poll=0.5):  # [] after half a second of silence: has the client left?
+                if not events and self._client_gone():
+                    raise ConnectionAbortedError("the client has left")
+                for e in events:
+                    if e[0] == "error":
+                        raise ApiError(500, e[1], type="server_error")
+                if stream and events:  # all that is ready in one write
+                    chunks = [choice(e[1], None, {"content": e[2]}) if e[0] == "delta" else choice(e[1], e[2], {})
+                              for e in events]
+                    self._write(b"".join(sse({**head, "choices": [c]}) for c in chunks))
+            n_prompt, n_out = len(req.prompt), sum(c.tokens for c in req.choices)
+            usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+            if stream:
+                tail = [sse({**head, "choices": [], "usage": usage})] if include_usage else []
+                self._write(b"".join(tail) + b"data: [DONE]\n\n")
+            else:
+                choices = [choice(c.index, c.finish, {"role": "assistant", "content": c.text}) for c in req.choices]
                 self._write({**head, "choices": choices, "usage": usage, **sources}, 200)
         finally:
             req.cancelled.set()  # frees the rows if we leave early (client gone); harmless when done
-
-    def _ready_events(self, req):
-        """The request's next events (all that are ready, at least one); polls for a client that has left."""
-        while True:
-            try:
-                events = [req.events.get(timeout=0.5)]
-                break
-            except queue.Empty:
-                if self._client_gone():
-                    raise ClientGone
-        while not req.events.empty():  # this thread is the only reader
-            events.append(req.events.get_nowait())
-        for event in events:
-            if event[0] == "error":
-                raise ApiError(500, event[1], type="server_error")
-        return events
 
     def _client_gone(self):
         """True if the client closed its side (readable with nothing to read = end of file)."""
@@ -588,9 +378,8 @@ class Server(ThreadingHTTPServer):  # daemon threads: a stuck client does not ho
 def make_server(model, tok, host="127.0.0.1", port=0, api_key="", model_name="astrai-nano", max_batch=8,
                 max_queue=32, max_body_bytes=1_000_000, max_prompt_tokens=0, max_tokens_limit=1024,
                 default_max_tokens=256, timeout=60, log=True, rag=None, rag_k=3):
-    """A ready server (call .serve_forever()) with its model worker running; port 0 picks a free port.
-    rag: a rag.Retriever to ground chat answers in (rag_k chunks each), or None.
-    Stop it with .shutdown(), then .server_close() and .engine.close()."""
+    """A ready server (call .serve_forever(); stop: .shutdown(), .server_close(), .engine.close()) with its model
+    worker running; port 0 picks a free port. rag: a rag.Retriever to ground chat answers in (rag_k chunks each)."""
     ctx = model.cfg.max_seq_len
     httpd = Server((host, port), Handler)
     httpd.engine = Engine(model, tok, max_batch, max_queue)

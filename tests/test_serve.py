@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
 import serve
 from common import load_model, save_checkpoint, write_json
 from model import ModelConfig, Transformer
@@ -504,8 +505,8 @@ def test_choice_streams_whole_characters_and_cuts_stop_strings(live):
     tok = live.tok
 
     def run(text, stop=(), max_tokens=1000, then=()):
-        req = serve.Request([tok.bos_id], max_tokens, temperature=0, stop=stop)
-        choice = serve.Choice(req, 0, tok, "cpu")
+        req = engine.Request([tok.bos_id], max_tokens, temperature=0, stop=stop)
+        choice = engine.Choice(req, 0, tok, "cpu")
         ids = tok.encode(text) + list(then)
         for k, t in enumerate(ids):
             if choice.add(t, set(tok.stop_ids)):
