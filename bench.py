@@ -7,6 +7,7 @@ limit is measured on this machine in the same run (on CUDA the datasheet peak is
     python bench.py serve       # serve.py on loopback: aggregate tokens/s of 1, 4, 8 clients
     python bench.py data        # prepare_data.py tokenization MB/s with 1..all cores
     python bench.py all         # all of the above, eager and compiled, ~5 minutes on a 2-core CPU
+    python bench.py rag --n=1000000 --dim=384   # rag.top_k over 1M memory-mapped vectors: latency, memory
 
 Each prints a table and appends one JSON line per measurement to --results; `--help` lists the options.
 """
@@ -16,6 +17,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,10 +25,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from common import measure_matmul_peak, save_checkpoint
 from model import ModelConfig, Transformer
+from rag import normalize, top_k
 from tokenizer import Tokenizer
 
 SIZES = {  # name -> model shape (vocab 32768 unless given: a real bilingual vocabulary)
@@ -266,9 +270,62 @@ def bench_data(a, out):
                 f"{mbs / base:4.2f}x of 1 (ceiling {n}x)")
 
 
+def memory_mb(reset_peak=False):
+    """Resident MB from /proc (Linux): RssAnon (heap), RssFile (mapped index pages), VmHWM (the peak)."""
+    try:
+        if reset_peak:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")                                  # resets VmHWM (Linux >= 4.0)
+        with open("/proc/self/status") as f:
+            return {k: int(v.split()[0]) / 1024 for k, _, v in (ln.partition(":") for ln in f)
+                    if k in ("RssAnon", "RssFile", "VmHWM")}
+    except OSError:
+        return {}
+
+
+def bench_rag(a, out):
+    """rag.top_k (k=5, batches of 1 and 64) and resident memory over n random unit vectors, memory-mapped from
+    a file as rag.py maps an index: float32, then float16."""
+    rng = np.random.default_rng(0)
+    os.makedirs(a.dir, exist_ok=True)
+    try:
+        for dtype in ("float32", "float16"):
+            path = os.path.join(a.dir, f"vectors_{dtype}.npy")
+            v = np.lib.format.open_memmap(path, "w+", dtype, (a.n, a.dim))
+            for lo in range(0, a.n, 65536):
+                v[lo:lo + 65536] = normalize(rng.standard_normal((min(65536, a.n - lo), a.dim), dtype=np.float32))
+            v.flush()
+            del v
+            vectors = np.load(path, mmap_mode="r")
+            before = memory_mb()
+            top_k(vectors, normalize(rng.standard_normal((1, a.dim))), 5)     # first touch pages the file in
+            memory_mb(reset_peak=True)
+            row = dict(bench="rag", n=a.n, dim=a.dim, dtype=dtype, gib=os.path.getsize(path) / 2**30)
+            line = [f"{dtype}: {row['gib']:.2f} GiB on disk"]
+            for batch, reps in ((1, 10), (64, 3)):
+                times = []  # (wall, CPU): on a shared machine the wall clock includes waiting
+                for _ in range(reps):
+                    q = normalize(rng.standard_normal((batch, a.dim)))
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    top_k(vectors, q, 5)
+                    times.append((time.perf_counter() - t0, time.process_time() - c0))
+                wall, cpu = 1000 * np.median(times, axis=0)
+                row.update({f"batch{batch}_ms": wall, f"batch{batch}_cpu_ms": cpu})
+                line.append(f"batch {batch}: {wall:.0f} ms ({cpu:.0f} ms CPU)")
+            m = memory_mb()
+            row.update(rss_peak_mb=m.get("VmHWM"), mapped_mb=m.get("RssFile"), heap_mb=m.get("RssAnon"))
+            line.append(f"RSS peak {m.get('VmHWM', 0):.0f} MB = mapped index {m.get('RssFile', 0):.0f} MB "
+                        f"+ heap {m.get('RssAnon', 0):.0f} MB (heap before search {before.get('RssAnon', 0):.0f} MB)")
+            out(row, f"{a.n:,} x {a.dim}, " + ", ".join(line))
+            del vectors
+            os.remove(path)
+    finally:
+        shutil.rmtree(a.dir, ignore_errors=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("train", "decode", "generate", "serve", "data", "all"))
+    p.add_argument("what", choices=("train", "decode", "generate", "serve", "data", "all", "rag"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes", default="15m", help="train: comma-separated model sizes " + "/".join(SIZES))
     p.add_argument("--size", default="100m", help="decode/generate/serve: model size")
@@ -283,6 +340,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="decode: median of, generate: best of, this many runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--data_mb", type=float, default=40, help="data: MB of text to tokenize")
+    p.add_argument("--n", type=int, default=1_000_000, help="rag: vectors in the index")
+    p.add_argument("--dim", type=int, default=384, help="rag: their dimension")
+    p.add_argument("--dir", default="/tmp/rag_bench", help="rag: where the vectors go (deleted after)")
     p.add_argument("--results", default="bench_results.jsonl")
     a = p.parse_args()
     if a.what in ("decode", "all") and (a.tokens < 2 or a.prompt_len + 2 > 1024):

@@ -1,8 +1,7 @@
 """The AstrAI-nano model: a Llama-style decoder-only Transformer and its KV-cache generator, torch only.
 
-Read top to bottom: config, RMSNorm, RoPE, grouped-query attention, SwiGLU, the training forward, cached decoding,
-sampling. The last section, "CPU speed tricks", only makes compiled steps faster: skip it on a first read. Tensors
-map one-to-one onto HF LlamaForCausalLM (export.py renames keys; RoPE is HF's rotate-half layout).
+Read top to bottom: config, RMSNorm, RoPE, attention, SwiGLU, training forward, cached decoding, sampling; skip the
+last section, "CPU speed tricks", on a first read. Tensors map one-to-one onto HF LlamaForCausalLM (export.py).
 
     python -c "import model; print(model.Transformer(model.ModelConfig()).num_params())"
 """
@@ -98,8 +97,7 @@ class Attention(nn.Module):
         self.smear = nn.Parameter(torch.zeros(cfg.n_kv_heads, 1, 1)) if cfg.smear_keys else None
 
     def forward(self, x, cos, sin, mask, cache=None):
-        """mask: None (causal), a bool (B, 1, T, S) tensor (True = may attend) or "none" (one-token decode sees
-        every cached key). cache: None, or (K, V, span, rows, pos): this layer's KVCache slice and where to write."""
+        """mask: None (causal), bool (B, 1, T, S) or "none" (decode: all cached keys); cache: see KVCache.write."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -157,8 +155,7 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: (B, n_kv_heads, max_len, head_dim) each. Each row has its
-    own length (no left padding): RoPE positions stay 0..n-1 and a server can refill a free row (serve.py)."""
+    """Preallocated keys, values; each row has its own length (no left padding), so serve.py can refill a free row."""
 
     def __init__(self, cfg: ModelConfig, batch_size, max_len, dtype, device):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -166,15 +163,13 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
-        self.span = 0  # keys [0, span) are read by the current forward (set by forward_cached)
 
     def reset(self, rows):
         self.lengths[rows] = 0
 
     @staticmethod
     def write(K, V, span, rows, pos, k, v):
-        """Write k, v (b, T, Hkv, D) at positions pos (b, T, or an int for all rows) of `rows` (None = all); return
-        the first `span` keys and values (b, Hkv, span, D). Static: no per-layer state for dynamo to specialize on."""
+        """Write k, v at pos of rows (None: all); return keys, values [0, span). Static: no layer state to guard on."""
         if rows is None and isinstance(pos, int):      # all rows at the same offset: plain slice copy
             K[:, :, pos:pos + k.shape[1]] = k.transpose(1, 2)
             V[:, :, pos:pos + k.shape[1]] = v.transpose(1, 2)
@@ -182,9 +177,8 @@ class KVCache:
             r = torch.arange(K.shape[0], device=K.device) if rows is None else rows
             K[r[:, None], :, pos] = k.to(K.dtype)      # advanced indexing: target is (b, T, Hkv, D);
             V[r[:, None], :, pos] = v.to(V.dtype)      # index_put does not cast (autocast gives bf16 k, v)
-        if rows is None:
-            return K[:, :, :span], V[:, :, :span]
-        return K[rows, :, :span], V[rows, :, :span]
+        r = slice(None) if rows is None else rows
+        return K[r, :, :span], V[r, :, :span]
 
 
 class Transformer(nn.Module):
@@ -214,19 +208,17 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once
 
-    def flops_per_token(self, seq_len=None):
+    def flops_per_token(self, seq_len):
         """Training FLOPs per token, PaLM (Chowdhery et al. 2022) app. B: 6N for the weight matmuls (N without an
-        untied input embedding, a lookup) plus 12 * n_layers * dim * T for attention scores and values."""
-        T = seq_len or self.cfg.max_seq_len
+        untied input embedding, a lookup) plus 12 * n_layers * dim * seq_len for attention scores and values."""
         n = self.num_params() - (0 if self.cfg.tie_embeddings else self.tok_embeddings.weight.numel())
-        return 6 * n + 12 * self.cfg.n_layers * self.cfg.dim * T
+        return 6 * n + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
 
     def _rope(self, pos):  # cos, sin for positions pos (B, T), shaped (B, T, 1, D) to broadcast over heads
         return self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)
 
     def hidden_states(self, idx, doc_ids=None):
-        """Final normed hidden states (B, T, dim) for the LM head, reward head and RAG embedder. doc_ids (B, T) packs
-        documents in a row: block-diagonal causal attention, RoPE positions restarting at each, as if one by one."""
+        """Final normed hidden states (B, T, dim); doc_ids (B, T) packs documents in a row as if one by one."""
         B, T = idx.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -256,23 +248,19 @@ class Transformer(nn.Module):
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     def token_logprobs(self, idx, targets, doc_ids=None, temperature=1.0):
-        """log p(targets[b, t] | idx[b, :t+1]) under softmax(logits / temperature), (B, T) float32;
-        0 where targets == IGNORE_INDEX. SFT, DPO and GRPO sum or average these over completion tokens."""
-        logits, _ = self(idx, doc_ids=doc_ids)
-        logits = logits.float() / temperature
+        """log p(targets[b, t] | idx[b, :t+1]) under softmax(logits / temperature), (B, T); 0 at IGNORE_INDEX."""
+        logits = self(idx, doc_ids=doc_ids)[0].float() / temperature
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         return -nll.view(targets.shape)
 
     # ---- inference with a KV cache ---------------------------------------------------------------
-
-    def new_cache(self, batch_size, max_len=None, dtype=None, device=None):
+    def new_cache(self, batch_size, max_len=None):  # in the weights' dtype, on their device
         max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
         w = self.tok_embeddings.weight
-        return KVCache(self.cfg, batch_size, max_len, dtype or w.dtype, device or w.device)
+        return KVCache(self.cfg, batch_size, max_len, w.dtype, w.device)
 
     def compile_for_decode(self):
-        """torch.compile the cached forward (sample.py --compile, bench.py decode; see compile_decode_step). Call
-        it again after changing part of the model (one layer cast or swapped, a hook, train() for dropout)."""
+        """Compile the cached forward; call it again after changing the model: nothing guards its modules (trick 4)."""
         self._compiled_blocks = compile_decode_step(self.tok_embeddings.weight.device)
         return self
 
@@ -284,9 +272,7 @@ class Transformer(nn.Module):
         return self.output(self.norm(x)).float()
 
     def forward_cached(self, idx, cache, rows=None, lengths=None):
-        """Append idx (b, T) to cache rows `rows` (row ids; None = all, in order); return the logits (b, vocab) of
-        each row's last real token. Prefill: rows right-padded to T with real `lengths` (b,); the causal mask
-        hides the padding and the next token overwrites it. Decode: T = 1, one new token per row."""
+        """Append idx (b, T; right-padded to `lengths`) to cache rows (None: all); logits of each row's last token."""
         b, T = idx.shape
         start = cache.lengths if rows is None else cache.lengths[rows]
         new_len = start + (T if lengths is None else lengths)
@@ -295,17 +281,17 @@ class Transformer(nn.Module):
         start_host = start.tolist()
         uniform = rows is None and len(set(start_host)) == 1    # every row at the same offset
         s0 = start_host[0]
-        cache.span = max(start_host) + T
+        span = max(start_host) + T    # the forward reads keys [0, span)
         pos = start[:, None] + torch.arange(T, device=idx.device)  # (b, T) absolute positions
         if uniform and T == 1:
             mask = "none"              # one new token sees every cached key: no mask at all
         elif uniform and s0 == 0:
             mask = None                # fresh prefill: plain causal attention (flash kernels on GPU)
         else:                          # key j is visible to the query at absolute position p iff j <= p
-            mask = (torch.arange(cache.span, device=idx.device) <= pos[:, :, None]).unsqueeze(1)
+            mask = (torch.arange(span, device=idx.device) <= pos[:, :, None]).unsqueeze(1)
         cos, sin = self._rope(pos)
         blocks = self._compiled_blocks or Transformer._cached_blocks
-        logits = blocks(self, self.tok_embeddings(idx), cos, sin, mask, cache.k, cache.v, cache.span,
+        logits = blocks(self, self.tok_embeddings(idx), cos, sin, mask, cache.k, cache.v, span,
                         rows, s0 if uniform else pos, None if lengths is None else lengths - 1)
         if rows is None:
             cache.lengths = new_len
@@ -316,8 +302,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
                  num_samples=1, generator=None):
-        """Sample continuations of prompts (lists of token ids), row r continuing prompt r // num_samples. Each step
-        yields (tokens (N,), active (N,)); row r is inactive after it yields a stop token. temperature 0: greedy."""
+        """Yield (tokens, active) per step; row r continues prompt r // num_samples, inactive after a stop token."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and no empty prompt (start with BOS)")
         device = self.tok_embeddings.weight.device
@@ -366,15 +351,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 # ==== CPU speed tricks (skip on a first read): each acts only under torch.compile and computes the same math ====
 # Gains measured on the 2-core AMD EPYC with `python bench.py train` and `decode` (docs/benchmarks.md).
-
 # 1. Compiled CPU attention as two matmuls around a float32 softmax, which inductor fuses (SDPA's flash kernel
 #    took 27% of the step for 9% of its FLOPs): 15M bf16 train step, 51% -> 65% MFU. Longer: SDPA (less memory).
 CPU_MATH_ATTENTION_MAX_LEN = 1024
 
 
 def math_attention(q, k, v, mask, dropout_p=0.0):
-    """softmax(q k^T / sqrt(d) + mask) v (Vaswani et al. 2017, eq. 1), what SDPA computes, as plain matmuls
-    with the scores and softmax in float32. q (B, H, T, D); k, v (B, Hkv, S, D); mask None (causal) or bool."""
+    """softmax(q k^T / sqrt(d) + mask) v (Vaswani et al. 2017, eq. 1) as SDPA, in matmuls, float32 scores."""
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # GQA: repeat each key/value head for its group of query heads (HF's repeat_kv)
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -388,9 +371,8 @@ def math_attention(q, k, v, mask, dropout_p=0.0):
 
 
 class Linear(nn.Linear):
-    """2. nn.Linear without a bias, whose one-row product (batch-1 decode) compiles on a CPU to a multiply-sum:
-    a multi-threaded reduction reading the weights at 56 GB/s, not MKL's one-core GEMV at 17 GB/s: 100M fp32
-    decode 37 -> 95 tokens/s. Eager (the product would be written out first) and GEMMs keep F.linear."""
+    """2. nn.Linear without a bias; a compiled CPU one-row product (batch-1 decode) is a threaded multiply-sum (56 GB/s,
+    not MKL's one-core GEMV at 17 GB/s): 100M fp32 decode 37 -> 95 tokens/s. Eager and GEMMs keep F.linear."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
@@ -403,12 +385,10 @@ class Linear(nn.Linear):
 
 
 def compile_decode_step(device):
-    """3-5. The step compile_for_decode runs: the cached forward with dynamic shapes (100M model, ~8 ms a token).
-    3. One graph for the whole step, not one per block (fewer guard checks, less Python): 6-10% faster.
-    4. No guards on the model's modules and weights: 0.42 -> 0.14 ms a token; the input guards still catch a
-       cast or move of the whole model. So no graph may serve another model: each call compiles its own code.
-    5. cpp_wrapper on a CPU (kernels called from C++): ~0.3 ms a token, ~10 s more to compile."""
-    # The plain function is compiled with the model as an argument: a deepcopy runs its own weights.
+    """3. The whole cached forward as one graph, dynamic shapes (fewer guard checks, less Python): 6-10% faster.
+    4. No guards on modules or weights (the inputs' catch a cast or move of the model): 0.42 -> 0.14 ms a token;
+       so each call compiles its own copy of the function, which takes the model as an argument.
+    5. cpp_wrapper on a CPU (kernels called from C++): ~0.3 ms a token faster, ~10 s more to compile."""
     f = Transformer._cached_blocks
     step = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
     skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8

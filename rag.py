@@ -5,11 +5,8 @@ nearest ones to a question with one numpy matrix product, and answer from them a
     python rag.py query --index=out/rag --query="How old is Diti?" --k=5     # top-k chunks, with scores
     python rag.py ask   --index=out/rag --model=out/sft --query="迪蒂今年多大？"  # grounded answer + sources
     python rag.py eval  --index=out/rag --model=out/sft --qa=data/demo/rag/qa.jsonl
-    python rag.py index --embedder=lm --embed_model=out/pretrain --out_dir=out/rag_lm   # LM embeddings
-    python rag.py bench --n=1000000 --dim=384                                # search speed and memory at scale
 
-The index dir (docs/data.md) holds vectors.npy, chunks.jsonl, index.json, the tokenizer and, for TF-IDF,
-idf.npy. serve.py --rag_index grounds chat answers through Retriever and grounded_prompt.
+Index files: docs/data.md. serve.py --rag_index grounds chat answers in an index; `bench.py rag` times top_k at 1M.
 """
 import argparse
 import json
@@ -23,7 +20,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
-from common import generate_replies, load_model
+from common import generate_replies, load_model, write_json
 from data_formats import DataError, read_jsonl, read_rag_docs
 from tokenizer import Tokenizer
 
@@ -40,10 +37,9 @@ def read_docs(path, max_doc_mb=64.0):
     return [(d["id"], d["text"]) for d in docs], stats["skipped"]
 
 
-# How good a character position is for a cut: 3 a paragraph break, 2 a sentence end (Chinese 。！？… need no
-# space after them; English . ! ? do, so 3.14 is not cut) or line end, 1 a space or Chinese comma, 0 any other.
-# Group 1 stays before the cut; the cut may fall anywhere in the whitespace after it, because tokenizers glue
-# a space to the next word (" Baga") or a newline to the full stop (".\n").
+# How good a place for a cut: 3 a paragraph break, 2 a sentence end (Chinese 。！？… need no space after them; English
+# . ! ? do: 3.14 is not cut) or line end, 1 a space or Chinese comma, 0 else. Group 1 stays before the cut, which may
+# fall anywhere in the whitespace after it (tokenizers glue a space to the next word, a newline to the full stop).
 BREAKS = [
     (3, re.compile(r"()\n[^\S\n]*\n\s*")),
     (2, re.compile(r"([。！？…]+[”’」』）)\]\"']*)\s*")),
@@ -64,10 +60,9 @@ def break_kinds(text):
 
 
 def chunk_document(text, tok, chunk_tokens=64, overlap=16):
-    """Chunks [{"start", "end", "span", "ids", "cut"}] covering text: text[start:end] == tok.decode(ids), span the
-    token range, cut the BREAKS kind it ends at. A chunk ends at the best break in the second half of its
-    chunk_tokens; the next starts up to `overlap` tokens earlier, at the earliest sentence (else word) start.
-    Cuts fall only on UTF-8 character boundaries; whitespace-only chunks are dropped."""
+    """Chunks [{"start", "end", "span", "ids", "cut"}] (text[start:end] == tok.decode(ids), span: token range, cut: its
+    BREAKS kind) ending at the best break in the second half of chunk_tokens, the next up to `overlap` tokens earlier
+    at a sentence (else word) start. Cuts fall between UTF-8 characters; whitespace-only chunks are dropped."""
     if chunk_tokens < 8 or not 0 <= overlap <= chunk_tokens // 2:
         raise ValueError(f"need chunk_tokens >= 8 and 0 <= overlap <= chunk_tokens / 2, not {chunk_tokens}, {overlap}")
     ids = np.asarray(tok.encode(text), dtype=np.int64)
@@ -100,16 +95,14 @@ def chunk_document(text, tok, chunk_tokens=64, overlap=16):
             chunks.append({"start": a, "end": b, "span": (s, e), "ids": ids[s:e], "cut": int(kind[e]) if e < n else 3})
         if e == n:
             return chunks
-        nxt = e
-        if overlap:
-            lo = max(s + 1, e - overlap)
-            w = np.minimum(kind[lo:e], 2)                    # a paragraph start is as good as a sentence start
-            if len(w) and w.max() >= 0:
-                nxt = lo + int(np.argmax(w == w.max()))      # earliest: as much overlap as fits
-        s = nxt
+        lo = max(s + 1, e - overlap)                         # the next chunk starts in [lo, e]
+        w = np.minimum(kind[lo:e], 2)                        # a paragraph start is as good as a sentence start
+        s = lo + int(np.argmax(w == w.max())) if len(w) and w.max() >= 0 else e  # earliest: the most overlap
 
 
-# -- embedders: lists of token ids -> unit vectors; fit() learns from the chunks and saves into the index dir --
+# -- embedders --------------------------------------------------------------------------------------------------
+# An embedder, as build_index and Retriever use it: `name`, `settings` (index.json keeps both, to rebuild it), `dim`,
+# `fit(chunk_ids, index_dir)` (learn from the chunks' token ids, save there) and `__call__(batch_ids)` -> unit rows.
 class TfidfEmbedder:
     """Sublinear TF-IDF, w(t, c) = (1 + ln tf(t, c)) * idf(t), over token ids: a dimension per vocabulary id
     (dim=0), or unigrams and, with ngrams=2, bigrams ("Diti" vs "Tidi") hashed into dim dimensions."""
@@ -148,48 +141,16 @@ class TfidfEmbedder:
         return normalize(out)
 
 
-class LMEmbedder:
-    """Mean of a checkpoint's final hidden states over a text's tokens (BOS first, as in pretraining, but left
-    out of the mean: its state is the same for every text)."""
-    name = "lm"
-
-    def __init__(self, run_dir, device="cpu", batch_size=32):
-        self.model, self.tok, ckpt = load_model(run_dir, device)
-        self.dim, self.device, self.batch_size = self.model.cfg.dim, device, batch_size
-        self.settings = {"embed_model": os.path.abspath(run_dir), "step": ckpt.get("step")}
-
-    def fit(self, chunk_ids, index_dir):
-        pass  # the checkpoint is all it needs
-
-    @torch.no_grad()
-    def __call__(self, batch_ids):
-        out, cap = [], self.model.cfg.max_seq_len - 1
-        for b in range(0, len(batch_ids), self.batch_size):
-            rows = [[self.tok.bos_id] + list(map(int, ids[:cap])) for ids in batch_ids[b:b + self.batch_size]]
-            x = torch.full((len(rows), max(map(len, rows))), self.tok.pad_id, dtype=torch.long)
-            mask = torch.zeros(x.shape)
-            for r, row in enumerate(rows):
-                x[r, :len(row)] = torch.tensor(row)
-                mask[r, 1:len(row)] = 1                      # padding comes after: causal attention ignores it
-            h = self.model.hidden_states(x.to(self.device)).float().cpu()
-            out.append(((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)).numpy())
-        return normalize(np.concatenate(out))
-
-
 def normalize(v):
     """Rows scaled to unit length (all-zero rows stay zero), float32."""
     v = np.asarray(v, np.float32)
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-def pick_device(device):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 # -- the index: build, open, search ---------------------------------------------------------------------------
 def build_index(docs, out_dir, embedder, tok, chunk_tokens, overlap, dtype="float32", batch_size=256, meta=None):
-    """Chunk docs [(id, text)], embed the chunks ("tfidf": a TfidfEmbedder of tok) and write the index to out_dir,
-    by way of out_dir.tmp, so a failed build leaves the old index whole. Returns index.json's dict."""
+    """Chunk docs [(id, text)], embed the chunks (embedder "tfidf": TfidfEmbedder(tok.vocab_size)) and write the
+    index to out_dir via out_dir.tmp, so a failed build leaves the old index whole; returns index.json's dict."""
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "index.json")):
         raise DataError(f"{out_dir} exists and is not a rag index; choose another --out_dir")
     records, chunk_ids = [], []
@@ -220,8 +181,7 @@ def build_index(docs, out_dir, embedder, tok, chunk_tokens, overlap, dtype="floa
     settings = {"embedder": embedder.name, embedder.name: embedder.settings, "dim": embedder.dim, "dtype": dtype,
                 "chunks": len(records), "documents": len(docs), "chunk_tokens": chunk_tokens, "overlap": overlap,
                 "tokenizer": tok.name, "tokenizer_sha256": tok.fingerprint, **(meta or {})}
-    with open(os.path.join(tmp, "index.json"), "w") as f:
-        json.dump(settings, f, indent=2, ensure_ascii=False)
+    write_json(os.path.join(tmp, "index.json"), settings)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(out_dir):
         os.rename(out_dir, old)
@@ -231,9 +191,8 @@ def build_index(docs, out_dir, embedder, tok, chunk_tokens, overlap, dtype="floa
 
 
 def top_k(vectors, queries, k, block_bytes=32 << 20):
-    """(scores, rows), each (B, k), of the k rows of vectors (N, D) with the largest dot product (the cosine:
-    unit vectors) with each query (B, D), best first. One matrix product per block of rows keeps memory flat for
-    a memory-mapped index and scores float16 in float32; np.argpartition keeps a block's k best without sorting."""
+    """(scores, rows), each (B, k): the k rows of vectors (N, D) nearest each query (B, D) by cosine, best first. A
+    matmul per block of rows keeps memory flat (float16 scored in float32); argpartition keeps k without sorting."""
     k = min(k, len(vectors))
     q = np.ascontiguousarray(np.asarray(queries, np.float32).T)        # (D, B)
     rows = max(1024, block_bytes // (4 * vectors.shape[1]))
@@ -249,9 +208,8 @@ def top_k(vectors, queries, k, block_bytes=32 << 20):
 
 
 class Retriever:
-    """An index opened for search: Retriever("out/rag").search(["How old is Diti?"], k=5) -> per query, best
-    first, [{"rank", "score", "id", "source", "offsets", "text"}]. The vectors are memory-mapped, and the chunk
-    texts stay on disk: one byte offset per chunk is kept."""
+    """Retriever("out/rag").search(["How old is Diti?"], k=5) -> per query, best first, [{"rank", "score", "id",
+    "source", "offsets", "text"}]. Vectors are memory-mapped, texts stay on disk (device: for a model embedder)."""
 
     def __init__(self, index_dir, device="auto"):
         if not os.path.isfile(os.path.join(index_dir, "index.json")):
@@ -262,13 +220,9 @@ class Retriever:
         self.path = os.path.join(index_dir, "chunks.jsonl")
         self.vectors = np.load(os.path.join(index_dir, "vectors.npy"), mmap_mode="r")
         self.tok = Tokenizer.load(index_dir)
-        if s["embedder"] == "tfidf":
-            self.embedder = TfidfEmbedder(**s["tfidf"], idf=np.load(os.path.join(index_dir, "idf.npy")))
-        else:
-            self.embedder = LMEmbedder(s["lm"]["embed_model"], pick_device(device))
-            if self.embedder.tok.fingerprint != s["tokenizer_sha256"]:
-                raise DataError(f"{s['lm']['embed_model']} has another tokenizer than when {index_dir} was built: "
-                                "rebuild the index")
+        if s["embedder"] != "tfidf":  # an embedder of your own opens here (docs/exercises.md, exercise 10)
+            raise DataError(f"{index_dir}: rag.py has no {s['embedder']!r} embedder; rebuild it with `rag.py index`")
+        self.embedder = TfidfEmbedder(**s["tfidf"], idf=np.load(os.path.join(index_dir, "idf.npy")))
         with open(self.path, "rb") as f:
             self.line_at = [0, *accumulate(len(line) for line in f)]      # byte offset of each chunk's line
         if not (len(self.line_at) - 1 == len(self.vectors) == s["chunks"]) or self.vectors.shape[1] != s["dim"]:
@@ -296,8 +250,7 @@ class Retriever:
 
 
 # -- grounded answers -----------------------------------------------------------------------------------------
-# demo_world.py writes its retrieval chats (SFT data) in exactly this form, so the model has learned to answer
-# from such sources: change them together.
+# demo_world.py writes its retrieval chats (SFT data) in exactly this form, so the model learns to answer from it.
 RAG_PROMPT = {
     "en": "Answer the question using only the sources below, and cite the source you used as [n].\n"
           "{sources}\nQuestion: {question}",
@@ -307,8 +260,7 @@ CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
 def ground_messages(messages, hits):
-    """A copy of messages whose last (user) message carries the hits as numbered sources "[1] text" (a line
-    each), the instruction (Chinese for a Chinese question) and the question. No hits: unchanged."""
+    """A copy of messages whose last (user) message holds the hits as sources "[n] text", in the question's language."""
     messages = [dict(m) for m in messages]
     if hits and messages and messages[-1]["role"] == "user":
         question = messages[-1]["content"]
@@ -319,8 +271,7 @@ def ground_messages(messages, hits):
 
 
 def grounded_prompt(tok, messages, hits, max_tokens):
-    """(prompt ids, hits used): the chat rendered with as many hits (best first) as fit in max_tokens, the
-    lowest-ranked dropped first. The prompt may still be longer when the messages alone are."""
+    """(prompt ids, hits used): the best hits that fit in max_tokens (none if the messages alone do not fit)."""
     hits = list(hits) if messages and messages[-1]["role"] == "user" else []
     while True:
         ids = tok.render_chat(ground_messages(messages, hits), add_generation_prompt=True)[0]
@@ -341,8 +292,7 @@ def cited(answer):
 
 
 def holds_answer(chunk, qa):
-    """The chunk contains the answer (case-folded) and, when qa names a document, is from it: one id is the other
-    or a path ending in it (qa.jsonl says "docs/diti.md", an index of the docs folder "diti.md")."""
+    """The chunk has the answer (case-folded) and is from qa's "doc" if given (either id may end the other's path)."""
     a, b = chunk["source"].replace("\\", "/"), qa.get("doc", "").replace("\\", "/")
     in_doc = "doc" not in qa or a == b or a.endswith("/" + b) or b.endswith("/" + a)
     return in_doc and qa["answer"].casefold() in chunk["text"].casefold()
@@ -353,19 +303,13 @@ def cmd_index(a):
     """Chunk and embed documents into an index dir."""
     t0 = time.time()
     docs, skipped = read_docs(a.docs, a.max_doc_mb)
-    if a.embedder == "lm":
-        embedder = LMEmbedder(a.embed_model, pick_device(a.device), a.batch_size)
-        tok, max_len = embedder.tok, embedder.model.cfg.max_seq_len
-        if a.chunk_tokens >= max_len:
-            raise DataError(f"--chunk_tokens={a.chunk_tokens} must be below the model's max_seq_len {max_len}")
-    else:
-        tok = Tokenizer.load(a.tokenizer)
-        embedder = TfidfEmbedder(tok.vocab_size, a.tfidf_dim, a.ngrams)
+    tok = Tokenizer.load(a.tokenizer)
+    embedder = TfidfEmbedder(tok.vocab_size, a.tfidf_dim, a.ngrams)
     s = build_index(docs, a.out_dir, embedder, tok, a.chunk_tokens, a.overlap, a.dtype,
                     meta={"docs": a.docs, "skipped_documents": skipped})
     size = os.path.getsize(os.path.join(a.out_dir, "vectors.npy"))
     log(f"{a.out_dir}: {s['chunks']} chunks from {s['documents']} documents ({skipped} skipped), "
-        f"{a.embedder} vectors of {s['dim']} dims ({a.dtype}, {size / 2**20:.1f} MB) in {time.time() - t0:.1f}s")
+        f"{s['embedder']} vectors of {s['dim']} dims ({a.dtype}, {size / 2**20:.1f} MB) in {time.time() - t0:.1f}s")
 
 
 def search(a, questions, k):
@@ -376,13 +320,15 @@ def search(a, questions, k):
     return r, results, 1000 * (time.perf_counter() - t0)
 
 
-def grounded_chats(tok, questions, results, k, max_prompt_tokens):
-    """For each question: (messages with its top-k hits as sources, the hits used: as many as fit)."""
-    out = []
+def grounded_chats(a, questions, results):
+    """(--model, its tokenizer, per question: (the chat with its top --k hits as sources, the hits that fit))."""
+    device = a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok, _ = load_model(a.model, device)
+    room, chats = model.cfg.max_seq_len - a.max_new_tokens, []
     for q, hits in zip(questions, results):
-        used = grounded_prompt(tok, [{"role": "user", "content": q}], hits[:k], max_prompt_tokens)[1]
-        out.append((ground_messages([{"role": "user", "content": q}], used), used))
-    return out
+        used = grounded_prompt(tok, [{"role": "user", "content": q}], hits[:a.k], room)[1]
+        chats.append((ground_messages([{"role": "user", "content": q}], used), used))
+    return model, tok, chats
 
 
 def cmd_query(a):
@@ -399,8 +345,7 @@ def cmd_query(a):
 def cmd_ask(a):
     """Answer questions from the retrieved chunks, citing them."""
     results = search(a, a.query, a.k)[1]
-    model, tok, _ = load_model(a.model, pick_device(a.device))
-    chats = grounded_chats(tok, a.query, results, a.k, model.cfg.max_seq_len - a.max_new_tokens)
+    model, tok, chats = grounded_chats(a, a.query, results)
     answers = generate_replies(model, tok, [m for m, _ in chats], a.max_new_tokens)  # greedy
     for q, hits, (_, used), answer in zip(a.query, results, chats, answers):
         print(f"question: {q}\nanswer: {answer.strip()}\nsources:" + ("" if len(used) == len(hits) else
@@ -422,8 +367,7 @@ def cmd_eval(a):
     print(f"retrieval ({report['embedder']}, {len(r)} chunks, {len(qa)} questions): recall@1 {report['recall@1']:.3f}, "
           f"recall@5 {report['recall@5']:.3f} ({ms:.0f} ms for all questions)")
     if a.model:
-        model, tok, _ = load_model(a.model, pick_device(a.device))
-        grounded = grounded_chats(tok, questions, results, a.k, model.cfg.max_seq_len - a.max_new_tokens)
+        model, tok, grounded = grounded_chats(a, questions, results)
         report["sources_in_prompt"] = sum(len(used) for _, used in grounded) / len(qa)
         for key, chats in (("without retrieval", [[{"role": "user", "content": q}] for q in questions]),
                            ("with retrieval", [m for m, _ in grounded])):
@@ -432,8 +376,7 @@ def cmd_eval(a):
             report["accuracy_" + key.replace(" ", "_")] = sum(right) / len(qa)
             for x, ans in [(x, ans) for x, ans, ok in zip(qa, answers, right) if not ok][:a.show]:
                 log(f"  wrong ({key}): {x['question']} -> {ans.strip()!r} (want {x['answer']!r})")
-        # answers now holds the replies with retrieval. Their citation is scored apart from the value: a reply
-        # can cite a source holding the answer and still get the value wrong.
+        # answers: the replies with retrieval, which may cite a source holding the answer and get the value wrong
         report["cites_right_source"] = sum(
             any(1 <= n <= len(used) and holds_answer(used[n - 1], x) for n in cited(ans))
             for x, ans, (_, used) in zip(qa, answers, grounded)) / len(qa)
@@ -444,87 +387,31 @@ def cmd_eval(a):
               f"({f'{hi / lo:.1f}x' if lo else 'none right without'}); "
               f"{report['cites_right_source']:.3f} cite a source holding the answer")
     if a.results:
-        with open(a.results + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(a.results + ".tmp", a.results)
+        write_json(a.results, report)
 
 
-def memory_mb(reset_peak=False):
-    """Resident MB from /proc (Linux): RssAnon (heap), RssFile (mapped index pages), VmHWM (the peak)."""
-    try:
-        if reset_peak:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")                                  # resets VmHWM (Linux >= 4.0)
-        with open("/proc/self/status") as f:
-            return {k: int(v.split()[0]) / 1024 for k, _, v in (ln.partition(":") for ln in f)
-                    if k in ("RssAnon", "RssFile", "VmHWM")}
-    except OSError:
-        return {}
-
-
-def cmd_bench(a):
-    """Query latency (k=5, batches of 1 and 64) and memory on an index of n random unit vectors."""
-    rng = np.random.default_rng(0)
-    os.makedirs(a.dir, exist_ok=True)
-    try:
-        for dtype in ("float32", "float16"):
-            path = os.path.join(a.dir, f"vectors_{dtype}.npy")
-            v = np.lib.format.open_memmap(path, "w+", dtype, (a.n, a.dim))
-            for lo in range(0, a.n, 65536):
-                v[lo:lo + 65536] = normalize(rng.standard_normal((min(65536, a.n - lo), a.dim), dtype=np.float32))
-            v.flush()
-            del v
-            vectors = np.load(path, mmap_mode="r")
-            before = memory_mb()
-            top_k(vectors, normalize(rng.standard_normal((1, a.dim))), 5)     # first touch pages the file in
-            memory_mb(reset_peak=True)
-            line = [f"{dtype}: {os.path.getsize(path) / 2**30:.2f} GiB on disk"]
-            for batch, reps in ((1, 10), (64, 3)):
-                times = []  # (wall, CPU): on a shared machine the wall clock includes waiting
-                for _ in range(reps):
-                    q = normalize(rng.standard_normal((batch, a.dim)))
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    top_k(vectors, q, 5)
-                    times.append((time.perf_counter() - t0, time.process_time() - c0))
-                wall, cpu = 1000 * np.median(times, axis=0)
-                line.append(f"batch {batch}: {wall:.0f} ms ({cpu:.0f} ms CPU)")
-            m = memory_mb()
-            line.append(f"RSS peak {m.get('VmHWM', 0):.0f} MB = mapped index {m.get('RssFile', 0):.0f} MB "
-                        f"+ heap {m.get('RssAnon', 0):.0f} MB (heap before search {before.get('RssAnon', 0):.0f} MB)")
-            print(f"{a.n:,} x {a.dim}, " + ", ".join(line), flush=True)
-            del vectors
-            os.remove(path)
-    finally:
-        shutil.rmtree(a.dir, ignore_errors=True)
-
-
-COMMANDS = {"index": cmd_index, "query": cmd_query, "ask": cmd_ask, "eval": cmd_eval, "bench": cmd_bench}
-FLAGS = [  # (flag, the commands that take it, argparse keywords); query --k and eval --batch_size: see main
+COMMANDS = {"index": cmd_index, "query": cmd_query, "ask": cmd_ask, "eval": cmd_eval}
+FLAGS = [  # (flag, the commands that take it, argparse keywords); query --k: see main
     ("--docs", "index", dict(default="data/demo/rag/docs", help="a folder of .txt/.md files or a jsonl of {id, text}")),
     ("--out_dir", "index", dict(default="out/rag")),
-    ("--embedder", "index", dict(choices=("tfidf", "lm"), default="tfidf")),
-    ("--tokenizer", "index", dict(default="data/demo/tokenizer.model", help="tfidf: whose token ids are the terms")),
-    ("--tfidf_dim", "index", dict(type=int, default=0, help="tfidf: 0 = a dimension per vocabulary id; N = hashed")),
-    ("--ngrams", "index", dict(type=int, choices=(1, 2), default=1, help="tfidf: 2 adds bigrams (needs --tfidf_dim)")),
-    ("--embed_model", "index", dict(default="out/pretrain", help="lm: the checkpoint whose hidden states embed")),
+    ("--tokenizer", "index", dict(default="data/demo/tokenizer.model", help="whose token ids are the terms")),
+    ("--tfidf_dim", "index", dict(type=int, default=0, help="0 = a dimension per vocabulary id; N = hashed")),
+    ("--ngrams", "index", dict(type=int, choices=(1, 2), default=1, help="2 adds bigrams (needs --tfidf_dim)")),
     ("--chunk_tokens", "index", dict(type=int, default=64, help="most tokens in a chunk")),
     ("--overlap", "index", dict(type=int, default=16, help="most tokens a chunk repeats from the previous one")),
     ("--dtype", "index", dict(choices=("float32", "float16"), default="float32", help="of the stored vectors")),
     ("--max_doc_mb", "index", dict(type=float, default=64, help="larger documents are skipped")),
     ("--index", "query ask eval", dict(default="out/rag", help="the index dir written by `rag.py index`")),
-    ("--device", "index query ask eval", dict(default="auto", help="auto | cpu | cuda | cuda:N | mps (lm, model)")),
+    ("--device", "query ask eval", dict(default="auto", help="where models run: auto | cpu | cuda | cuda:N | mps")),
     ("--query", "query ask", dict(action="append", required=True, help="a question (repeat for several)")),
     ("--k", "query ask eval", dict(type=int, default=3, help="chunks retrieved (ask, eval: put in the prompt)")),
     ("--model", "ask eval", dict(default="out/sft", help="chat checkpoint that answers (eval --model=: none)")),
     ("--max_new_tokens", "ask eval", dict(type=int, default=32)),
     ("--qa", "eval", dict(default="data/demo/rag/qa.jsonl", help='jsonl of {"question", "answer", "doc"?}')),
     ("--limit", "eval", dict(type=int, default=0, help="first N questions only (0: all)")),
-    ("--batch_size", "index eval", dict(type=int, default=64, help="chunks embedded / questions answered together")),
+    ("--batch_size", "eval", dict(type=int, default=16, help="questions answered together")),
     ("--show", "eval", dict(type=int, default=3, help="wrong answers printed per setting")),
     ("--results", "eval", dict(default="", help="also write the numbers to this json file")),
-    ("--n", "bench", dict(type=int, default=1_000_000)),
-    ("--dim", "bench", dict(type=int, default=384)),
-    ("--dir", "bench", dict(default="/tmp/rag_bench", help="where the synthetic vectors go (deleted after)")),
 ]
 
 
@@ -539,7 +426,6 @@ def main(argv=None):
         for name in names.split():
             parsers[name].add_argument(flag, **kw)
     parsers["query"].set_defaults(k=5)
-    parsers["eval"].set_defaults(batch_size=16)
     a = ap.parse_args(argv)
     try:
         with torch.inference_mode():

@@ -1,6 +1,7 @@
 """bench.py: each number is held to the limit measured right around it (a shared machine's bandwidth
 and matmul peak drift within a minute). The measurements are replaced by fixed sequences, so the
-arithmetic of the ratios is checked exactly; the model and its timing are real (a tiny model)."""
+arithmetic of the ratios is checked exactly; the model and its timing are real (a tiny model).
+`bench.py rag` runs on a small index."""
 import subprocess
 import sys
 import types
@@ -72,3 +73,17 @@ def test_decode_refuses_settings_it_cannot_time(tmp_path, flag):
     p = subprocess.run([sys.executable, bench.__file__, "decode", flag, f"--results={tmp_path}/r.jsonl"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "decode needs --tokens of at least 2" in p.stderr
+
+
+def test_rag_search_bench_times_both_dtypes_and_deletes_its_vectors(tmp_path):
+    a = types.SimpleNamespace(n=3000, dim=8, dir=str(tmp_path / "vectors"))
+    rows, lines = [], []
+
+    def out(row, line):
+        rows.append(row)
+        lines.append(line)
+    bench.bench_rag(a, out)
+    assert [r["dtype"] for r in rows] == ["float32", "float16"]
+    assert lines[0].startswith("3,000 x 8, float32: ") and "batch 64: " in lines[0] and "RSS peak" in lines[0]
+    assert all(r["batch1_ms"] > 0 and r["batch64_ms"] > 0 for r in rows)
+    assert not (tmp_path / "vectors").exists()
