@@ -28,7 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from common import measure_matmul_peak, save_checkpoint
+from checkpoint import save_checkpoint
+from common import measure_matmul_peak
 from model import ModelConfig, Transformer
 from rag import normalize, top_k
 from tokenizer import Tokenizer

@@ -1,12 +1,9 @@
-"""What the training stages share: processes and precision (setup), DDP/FSDP2 (wrap_model), AdamW and LR
-schedules, batches, atomic checkpoints with exact resume, metrics, trained models as functions, and the
-plumbing of sft.py/rm.py/dpo.py (setup_stage, Run). Stages import it; it never reads sys.argv.
+"""What the training stages share: processes and precision (setup), DDP/FSDP2 (wrap_model), AdamW and the
+LR schedule, batches, probes, greedy replies, and a fine-tuning stage's plumbing (setup_stage, Run). The out
+dir (checkpoints, metrics.jsonl) is checkpoint.py's. Stages import both; neither reads sys.argv.
 
-Collectives (wrap_model, checkpoint_state, restore_checkpoint, all_reduce_mean, stop_requested, Run) run
-on every rank; files are written by rank 0. An out dir holds ckpt.pt (latest), ckpt_best.pt, ckpt_<step>.pt
-(the last keep_last), tokenizer.model, config.json and metrics.jsonl; load_model(out_dir) reads it.
+Collectives (wrap_model, all_reduce_mean, stop_requested, Run) run on every rank; rank 0 writes the files.
 """
-import json
 import math
 import os
 import random
@@ -21,24 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from checkpoint import (MetricsLogger, checkpoint_state, die, generate_replies, load_checkpoint, print0,
+                        restore_checkpoint, save_checkpoint, write_json)
 from data_formats import DataError, read_jsonl
-from model import ModelConfig, Transformer
+from model import ModelConfig
 from tokenizer import Tokenizer
 
 
 # -- processes, devices, precision ---------------------------------------------------------------------------
-def print0(*args, **kwargs):
-    """print() on rank 0 only, flushed: a torchrun job's log shows each line once."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def die(message):
-    """Exit with status 1 and a one-line message, printed by rank 0."""
-    print0(message, file=sys.stderr)
-    sys.exit(1)
-
-
 def _cpu_has_fast_bf16():
     """Native bf16 dot products (AVX512-BF16, AMX): bf16 ~870 GFLOP/s vs fp32 ~215 here; emulated, slower."""
     try:
@@ -60,11 +47,10 @@ def setup(config):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = device.split(":")[0]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        die("config asks device=cuda but torch sees no GPU; use --device=cpu")
-    if device == "cuda":
-        device = f"cuda:{local_rank}"  # one GPU per process
     if device_type == "cuda":
+        if not torch.cuda.is_available():
+            die("config asks device=cuda but torch sees no GPU; use --device=cpu")
+        device = f"cuda:{local_rank}" if device == "cuda" else device  # one GPU per process
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere+)
         torch.backends.cudnn.allow_tf32 = True
@@ -247,54 +233,35 @@ def step_optimizer(model, optimizer, scaler, grad_clip):
     return norm
 
 
-def lr_cosine(step, lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup to lr, then half a cosine down to min_lr at max_steps (GPT-3, Chinchilla)."""
+def get_lr(step, config):
+    """The lr at `step`, a pure function of the step: linear warmup to lr over warmup_steps, then lr_schedule:
+    cosine: half a cosine down to min_lr at max_steps (GPT-3, Chinchilla).
+    wsd: warmup-stable-decay (MiniCPM, Hu et al. 2024): lr, then linear to min_lr over the last wsd_decay_frac
+        (a 20% cooldown matches cosine, Hägele et al. 2024); the stable phase extends from any checkpoint.
+    sgdr: cosine cycles lr -> min_lr, each sgdr_cycle_mult times the last's length (Loshchilov & Hutter 2017).
+    constant: lr."""
+    c, schedule = config, config.get("lr_schedule", "cosine")
+    if schedule not in ("cosine", "wsd", "sgdr", "constant"):
+        raise ValueError(f"lr_schedule must be cosine, wsd, sgdr or constant, not {schedule!r}")
+    lr, min_lr, warmup_steps, max_steps = c["lr"], c["min_lr"], c["warmup_steps"], c["max_steps"]
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule == "sgdr":
+        t, length = step - warmup_steps, c.get("sgdr_cycle_steps") or max_steps
+        while t >= length:
+            t -= length
+            length = max(1, round(length * c.get("sgdr_cycle_mult", 1.0)))
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * t / length)) * (lr - min_lr)
     if step >= max_steps:
         return min_lr
+    if schedule == "wsd":
+        decay_steps = max(1, int(c.get("wsd_decay_frac", 0.2) * max_steps))
+        decay_start = max_steps - decay_steps
+        return lr if step < decay_start else lr + (min_lr - lr) * (step - decay_start) / decay_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def lr_wsd(step, lr, min_lr, warmup_steps, max_steps, decay_frac=0.2):
-    """Warmup-stable-decay (MiniCPM, Hu et al. 2024): lr, then linear to min_lr over the last decay_frac
-    (a 20% cooldown matches cosine, Hägele et al. 2024); the stable phase extends from any checkpoint."""
-    decay_steps = max(1, int(decay_frac * max_steps))
-    decay_start = max_steps - decay_steps
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step < decay_start:
-        return lr
-    if step >= max_steps:
-        return min_lr
-    return lr + (min_lr - lr) * (step - decay_start) / decay_steps
-
-
-def lr_sgdr(step, lr, min_lr, warmup_steps, cycle_steps, cycle_mult=1.0):
-    """SGDR (Loshchilov & Hutter 2017): cosine cycles lr -> min_lr, each cycle_mult times the last's length."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    t, length = step - warmup_steps, cycle_steps
-    while t >= length:
-        t -= length
-        length = max(1, round(length * cycle_mult))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * t / length)) * (lr - min_lr)
-
-
-def get_lr(step, config):
-    """The lr at `step` for config's lr_schedule (cosine, wsd, sgdr, constant): a pure function of the step."""
-    c, schedule = config, config.get("lr_schedule", "cosine")
-    if schedule == "cosine":
-        return lr_cosine(step, c["lr"], c["min_lr"], c["warmup_steps"], c["max_steps"])
-    if schedule == "wsd":
-        return lr_wsd(step, c["lr"], c["min_lr"], c["warmup_steps"], c["max_steps"], c.get("wsd_decay_frac", 0.2))
-    if schedule == "sgdr":
-        return lr_sgdr(step, c["lr"], c["min_lr"], c["warmup_steps"], c.get("sgdr_cycle_steps") or c["max_steps"],
-                       c.get("sgdr_cycle_mult", 1.0))
-    if schedule == "constant":
-        return c["lr"] * (step + 1) / c["warmup_steps"] if step < c["warmup_steps"] else c["lr"]
-    raise ValueError(f"lr_schedule must be cosine, wsd, sgdr or constant, not {schedule!r}")
 
 
 # -- batches -------------------------------------------------------------------------------------------------
@@ -324,172 +291,6 @@ def epoch_batches(model, examples, step, batch_size, grad_accum, ctx, seed):
     for micro in range(grad_accum):
         grad_sync(model, micro == grad_accum - 1)
         yield [examples[i] for i in ids[(micro * ctx.world_size + ctx.rank) * batch_size:][:batch_size]]
-
-
-# -- checkpoints: plain tensors and builtins, atomic writes, exact resume ------------------------------------
-def write_json(path, obj):
-    """JSON, written atomically (temp file + os.replace)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-
-
-def _fsync_dir(path):
-    try:  # makes a rename durable (POSIX); not possible on every OS
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _publish(src, dst):
-    """Point dst at src's file atomically: a hard link (no copy), or a copy without hard links."""
-    tmp = dst + ".tmp"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def rng_state():
-    """This process's python, numpy, torch and CUDA RNG states, weights_only-loadable."""
-    py = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _state_dict_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, **kw)
-
-
-def checkpoint_state(ctx, model, optimizer=None, **extra):
-    """What a resume needs, as CPU tensors on rank 0 (None elsewhere): full weights, optimizer state by name,
-    every rank's RNG states, plus extra (step, config, ...)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    raw, opts = unwrap(model), _state_dict_options(cpu_offload=True)
-    ckpt = {"model": get_model_state_dict(raw, options=opts)}
-    if optimizer is not None:
-        ckpt["optimizer"] = get_optimizer_state_dict(raw, optimizer, options=opts)
-    rngs = [rng_state()]
-    if ctx.ddp:
-        rngs = [None] * ctx.world_size
-        dist.all_gather_object(rngs, rng_state(), group=ctx.cpu_group)
-    ckpt["rng"] = rngs
-    ckpt.update(extra)
-    return ckpt if ctx.master else None
-
-
-def save_checkpoint(out_dir, ckpt, keep_last=2, is_best=False):
-    """ckpt as out_dir/ckpt_<step>.pt (temp file, fsync, rename), linked as ckpt.pt (and ckpt_best.pt);
-    the newest keep_last step files are kept."""
-    path = os.path.join(out_dir, f"ckpt_{ckpt['step']:08d}.pt")
-    try:
-        with open(path + ".tmp", "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except BaseException as e:  # a full disk: no temp file left, the previous checkpoints untouched
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); the previous checkpoint "
-                          f"{os.path.join(out_dir, 'ckpt.pt')} is unchanged") from e
-        raise
-    _fsync_dir(out_dir)
-    _publish(path, os.path.join(out_dir, "ckpt.pt"))
-    if is_best:
-        _publish(path, os.path.join(out_dir, "ckpt_best.pt"))
-    steps = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_0") and f.endswith(".pt"))
-    for f in steps[:-max(1, keep_last)]:
-        os.remove(os.path.join(out_dir, f))  # ckpt.pt / ckpt_best.pt keep their own links
-    _fsync_dir(out_dir)
-    return path
-
-
-def load_checkpoint(path):
-    """torch.load(path or path/ckpt.pt, weights_only=True), memory-mapped on the CPU, with one-line errors."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {path}: train one first (python pretrain.py config/tiny.py), "
-            f"or use init_from='scratch'")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated file, pickle of arbitrary objects, ...
-        die(f"{path} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
-
-
-def check_model_config(saved, wanted, where):
-    """Exit with one line naming them if the saved model shape differs from the wanted one's keys."""
-    full = ModelConfig.from_dict(wanted).to_dict()  # fills in the derived ffn_dim
-    diff = [f"{k}={saved.get(k)!r} (config says {full[k]!r})" for k in
-            ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
-            if k in wanted and saved.get(k) != full[k]]
-    if diff:
-        die(f"{where} holds a model of another shape: {', '.join(diff)}; use a new out_dir, "
-            f"init_from='scratch', or the config that trained it")
-
-
-def restore_checkpoint(ctx, model, optimizer, ckpt):
-    """Weights, optimizer state and this rank's RNG states from checkpoint_state's dict, on every rank."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-    raw = unwrap(model)
-    try:
-        set_model_state_dict(raw, ckpt["model"], options=_state_dict_options())
-    except RuntimeError as e:
-        die(f"checkpoint does not fit this model: {str(e).splitlines()[0]} ...")
-    if optimizer is not None and "optimizer" in ckpt:
-        set_optimizer_state_dict(raw, optimizer, ckpt["optimizer"], options=_state_dict_options())
-    rngs = ckpt.get("rng") or []
-    if ctx.rank < len(rngs):
-        set_rng_state(rngs[ctx.rank])
-    else:
-        print(f"[rank {ctx.rank}] checkpoint has no RNG state for this rank (it had {len(rngs)} ranks); "
-              f"keeping the seed-based state", flush=True)
-
-
-def load_model(out_dir, device="cpu", name="ckpt.pt"):
-    """(model in eval mode, tokenizer, checkpoint without 'model' and 'optimizer') of a trained out dir."""
-    path = os.path.join(out_dir, name)
-    ckpt = load_checkpoint(path)
-    if "model_config" not in ckpt:
-        die(f"{path} has no model_config: not a checkpoint written by this codebase")
-    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
-    try:
-        model.load_state_dict(ckpt.pop("model"))
-    except RuntimeError as e:
-        die(f"{path} does not match its own model_config: {str(e).splitlines()[0]}")
-    ckpt.pop("optimizer", None)
-    try:
-        tokenizer = Tokenizer.load(out_dir)
-    except (FileNotFoundError, OSError) as e:
-        die(f"{out_dir} has a checkpoint but no tokenizer ({e}); copy the data dir's tokenizer.model there")
-    return model.to(device).eval(), tokenizer, ckpt
 
 
 # -- metrics -------------------------------------------------------------------------------------------------
@@ -527,130 +328,6 @@ def measure_matmul_peak(device, dtype, n=None, seconds=0.5):
             sync()
     sync()
     return 2 * n ** 3 * k / (time.perf_counter() - t0)
-
-
-def format_duration(seconds):
-    m, s = divmod(int(max(0, seconds)), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
-LOG_FORMATS = {"lr": lambda v: f"lr {v:.2e}", "grad_norm": lambda v: f"gnorm {v:.3f}",
-               "tok_per_s": lambda v: f"{v / 1000:.1f}k tok/s", "mfu": lambda v: f"MFU {100 * v:.1f}%",
-               "step_ms": lambda v: f"{v:.0f}ms/step", "eta_s": lambda v: f"ETA {format_duration(v)}"}
-
-
-def format_metrics(r):
-    """'step 120/2000 | loss 3.1416 | lr 6.0e-04 | gnorm 0.91 | 5.1k tok/s | MFU 58.3% | ETA 4m10s'."""
-    parts = []
-    for k, v in r.items():
-        if k == "step":
-            parts.append(f"step {v}" + (f"/{r['max_steps']}" if "max_steps" in r else ""))
-        elif k in LOG_FORMATS:
-            parts.append(LOG_FORMATS[k](v))
-        elif k != "max_steps":
-            parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
-    return " | ".join(parts)
-
-
-class MetricsLogger:
-    """Records appended to out_dir/metrics.jsonl and printed. A resumed run (resume_step) drops the records
-    written after its checkpoint; a fresh one starts an empty file."""
-
-    def __init__(self, out_dir, enabled=True, resume_step=None):
-        self.enabled, self.path = enabled, os.path.join(out_dir, "metrics.jsonl")
-        if not enabled:
-            return
-        kept = []
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
-
-    def log(self, record, echo=True):
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if echo:
-            print(format_metrics(record), flush=True)
-
-
-class EarlyStopping:
-    """update(val_loss) -> (is_best, should_stop): stop after `patience` (0: never) evaluations in a row
-    that did not beat the best by more than min_delta."""
-
-    def __init__(self, patience=0, min_delta=0.0):
-        self.patience, self.min_delta = patience, min_delta
-        self.best, self.bad_evals = float("inf"), 0
-
-    def update(self, loss):
-        if loss < self.best - self.min_delta:
-            self.best, self.bad_evals = loss, 0
-            return True, False
-        self.bad_evals += 1
-        return False, self.patience > 0 and self.bad_evals >= self.patience
-
-    def state_dict(self):
-        return {"best": self.best, "bad_evals": self.bad_evals}
-
-    def load_state_dict(self, d):
-        self.best, self.bad_evals = d["best"], d["bad_evals"]
-
-
-# -- chat models as functions: greedy replies, a reward model (rm.py -> grpo.py) -----------------------------
-@torch.no_grad()
-def generate_replies(model, tokenizer, conversations, max_new_tokens=64, batch_size=64, temperature=0.0,
-                     generator=None):
-    """The reply to each conversation, greedy unless temperature > 0, by a plain Transformer (under FSDP: on
-    every rank, in generation_context). A prompt too long keeps BOS and its last tokens."""
-    was_training = model.training
-    model.eval()
-    limit, replies = model.cfg.max_seq_len - max_new_tokens, []
-    for i in range(0, len(conversations), batch_size):
-        prompts = [tokenizer.render_chat(m, add_generation_prompt=True)[0] for m in conversations[i:i + batch_size]]
-        prompts = [p if len(p) <= limit else p[:1] + p[len(p) - limit + 1:] for p in prompts]
-        out = [[] for _ in prompts]
-        for toks, active in model.generate(prompts, max_new_tokens, temperature=temperature,
-                                           stop_ids=tokenizer.stop_ids, generator=generator):
-            for r, (t, a) in enumerate(zip(toks.tolist(), active.tolist())):
-                if a and t not in tokenizer.stop_ids:
-                    out[r].append(t)
-        replies += [tokenizer.decode(o) for o in out]
-    model.train(was_training)
-    return replies
-
-
-def load_reward_fn(out_dir, device="cpu", batch_size=32):
-    """score(messages) -> float (or a list of them -> floats) by rm.py's model: reward_head (dim -> 1) on the
-    final hidden state of the rendered conversation's last token, as rm.RewardModel computes it."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path)
-    state = dict(ckpt["model"])
-    if "reward_head.weight" not in state:
-        die(f"{path} has no reward head: it is not a reward model; train one with `python rm.py`")
-    cfg = ModelConfig.from_dict(ckpt["model_config"])
-    head = nn.Linear(cfg.dim, 1)
-    head.load_state_dict({"weight": state.pop("reward_head.weight"), "bias": state.pop("reward_head.bias")})
-    model = Transformer(cfg)
-    model.load_state_dict(state)
-    model, head, tokenizer = model.to(device).eval(), head.to(device).eval(), Tokenizer.load(out_dir)
-
-    @torch.no_grad()
-    def score(conversations):
-        single = bool(conversations) and isinstance(conversations[0], dict)
-        convs, rewards = [conversations] if single else conversations, []
-        for i in range(0, len(convs), batch_size):
-            seqs = [tokenizer.render_chat(m)[0] for m in convs[i:i + batch_size]]
-            seqs = [s if len(s) <= cfg.max_seq_len else s[:1] + s[len(s) - cfg.max_seq_len + 1:] for s in seqs]
-            lengths = torch.tensor([len(s) for s in seqs], device=device)
-            idx = torch.full((len(seqs), int(lengths.max())), tokenizer.pad_id, dtype=torch.long, device=device)
-            for r, s in enumerate(seqs):
-                idx[r, :len(s)] = torch.tensor(s)
-            h = model.hidden_states(idx)[torch.arange(len(seqs), device=device), lengths - 1]
-            rewards += head(h).squeeze(-1).float().tolist()
-        return rewards[0] if single else rewards
-    return score
 
 
 # -- a fine-tuning stage's plumbing: sft.py, rm.py and dpo.py ------------------------------------------------
@@ -705,50 +382,55 @@ def dev_means(model, ctx, dev, batch_size, stats):
 
 
 class Run:
-    """The books of a fine-tuning stage's loop. Wraps the model and builds its AdamW (run.model,
-    run.optimizer; restored when init_from='resume'); steps() evaluates, logs and checkpoints; log() logs a
-    training step. The best checkpoint has the lowest record[best] (the highest with maximize)."""
+    """The books of a stage's loop (sft, rm, dpo, grpo): run.model wrapped, its AdamW run.optimizer, both restored
+    with the GradScaler when init_from='resume'. steps() evaluates and checkpoints (extra goes into each; the best
+    has the lowest record[best], the highest with maximize); log() logs a training step."""
 
     def __init__(self, ctx, config, model, ckpt, model_cfg, tokenizer, best="dev_loss", maximize=False, **extra):
         c = self.config = config
         self.ctx, self.best_key, self.maximize, self.resume = ctx, best, maximize, c["init_from"] == "resume"
-        self.model = wrap_model(model, ctx, c["parallel"], c["compile"])
+        self.model = wrap_model(model, ctx, c.get("parallel", "ddp"), c["compile"])
         self.optimizer = build_optimizer(self.model, c["lr"], c["weight_decay"], (c["beta1"], c["beta2"]),
                                          ctx.device_type)
-        self.start_step, self.best = 0, -math.inf if maximize else math.inf
+        self.start_step, self.best, self.eval_done = 0, -math.inf if maximize else math.inf, False
         if self.resume:
-            restore_checkpoint(ctx, self.model, self.optimizer, ckpt)
-            self.start_step, self.best = ckpt["step"], ckpt["best"]
+            restore_checkpoint(ctx, unwrap(self.model), self.optimizer, ckpt)
+            if ckpt.get("scaler"):
+                ctx.scaler.load_state_dict(ckpt["scaler"])
+            self.start_step, self.best, self.eval_done = ckpt["step"], ckpt["best"], ckpt.get("eval_done", True)
             print0(f"resumed from {c['out_dir']} at step {self.start_step}")
         if ctx.master:
             tokenizer.save(c["out_dir"])
         self.logger = MetricsLogger(c["out_dir"], ctx.master, resume_step=self.start_step if self.resume else None)
         self.meta = dict(config=config, model_config=model_cfg.to_dict(), tokenizer=tokenizer.name, **extra)
 
-    def save(self, step, is_best=False):
-        ckpt = checkpoint_state(self.ctx, self.model, self.optimizer, step=step, **self.meta, best=self.best)
+    def save(self, step, is_best=False, eval_done=False):
+        ckpt = checkpoint_state(self.ctx, unwrap(self.model), self.optimizer, step=step, eval_done=eval_done,
+                                **self.meta, best=self.best, scaler=self.ctx.scaler.state_dict())
         if self.ctx.master:
             save_checkpoint(self.config["out_dir"], ckpt, self.config["keep_last"], is_best)
 
     def steps(self, evaluate):
-        """The steps to train, start_step to max_steps - 1. Before every eval_interval-th and after the last,
-        evaluate() -> dict of dev metrics, logged and (after the first) checkpointed. SIGTERM: save and stop."""
+        """The steps to train, start_step to max_steps - 1. Before every eval_interval-th and after the last (once:
+        not again on resuming from the checkpoint saved after it), evaluate() -> dev metrics ({}: none) are logged
+        and checkpointed. SIGTERM, or config's stop_at_step (as a preempted job): save and stop."""
         c, start = self.config, self.start_step
         self.t0, self.timed = time.perf_counter(), 0
         for step in range(start, c["max_steps"] + 1):
-            if (step % c["eval_interval"] == 0 or step == c["max_steps"]) and not (self.resume and step == start):
+            if (step % c["eval_interval"] == 0 or step == c["max_steps"]) and not (step == start and self.eval_done):
                 record = evaluate()
-                self.logger.log({"step": step, **record})
-                value = record[self.best_key]
+                if record:
+                    self.logger.log({"step": step, **record})
+                value = record.get(self.best_key, self.best)
                 is_best = value > self.best if self.maximize else value < self.best
                 self.best = max(self.best, value) if self.maximize else min(self.best, value)
                 if step > start:
-                    self.save(step, is_best)
+                    self.save(step, is_best, eval_done=True)
                 self.t0, self.timed = time.perf_counter(), 0  # evaluation time is not training throughput
             if step == c["max_steps"]:
                 return
             yield step
-            if stop_requested(self.ctx):
+            if stop_requested(self.ctx) or step + 1 == c.get("stop_at_step"):
                 self.save(step + 1)
                 print0(f"stopped after step {step + 1}; continue with --init_from=resume")
                 return

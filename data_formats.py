@@ -6,7 +6,8 @@
     qa    = read_jsonl("data/demo/rag/qa.jsonl", "qa")        # [{"question": str, "answer": str, ...}]
     docs  = read_rag_docs("data/demo/rag/docs")               # [{"id": "x.md", "text": str}]
     meta  = load_meta("data/demo/pretrain"); check_vocab(meta, model_vocab_size, tokenizer)
-    python prepare_data.py validate data/demo                 # check files by hand
+    is_correct("53 + 1 = 54.", "54")                          # grpo.py's rule verifier: True
+    validate(["data/demo"])                                   # python prepare_data.py validate data/demo
 
 A bad line or document is logged (`file:line: what is wrong`) and skipped, and a summary line counts them:
 nothing disappears silently. A missing file, or one with nothing usable, raises DataError, whose text is the
@@ -14,6 +15,8 @@ one line to show. Prompts become lists of messages, so every stage renders them 
 """
 import json
 import os
+import re
+import unicodedata
 
 import numpy as np
 
@@ -105,6 +108,33 @@ def detect_kind(obj):
     if "prompt" in obj or ("question" in obj and "####" in str(obj.get("answer", ""))):
         return "prompts"
     return "qa" if "question" in obj else "docs" if "text" in obj else None
+
+
+# -- answers: the rule verifier of grpo.py -------------------------------------------------------------------
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def extract_answer(text):
+    """The final answer of a reply as a string of digits, or None: the number right after the last '####' (GSM8K),
+    else the last number ("53 + 1 = 54." and "53加1等于54。" give "54"); full-width digits normalized (NFKC)."""
+    text = unicodedata.normalize("NFKC", text)
+    if "####" in text:
+        m = NUMBER.match(text.rsplit("####", 1)[1].strip())
+        return m.group().replace(",", "") if m else None  # a '####' line without a number is malformed
+    nums = NUMBER.findall(text)
+    return nums[-1].replace(",", "") if nums else None
+
+
+def is_correct(reply, answer, tol=1e-6):
+    """Rule verifier: numeric equality within tol * max(1, |answer|) when the answer is a number (a GSM8K answer
+    may still hold its '#### n' line), else exact match ignoring case, spaces and a final period."""
+    gold = extract_answer(answer) if "####" in answer else answer.strip().replace(",", "")
+    try:
+        g = float(gold)
+    except (TypeError, ValueError):
+        return " ".join(reply.lower().split()).rstrip(".。") == " ".join(answer.lower().split()).rstrip(".。")
+    pred = extract_answer(reply)
+    return pred is not None and abs(float(pred) - g) <= tol * max(1.0, abs(g))
 
 
 # -- files ----------------------------------------------------------------------------------------------------
@@ -234,3 +264,48 @@ def check_vocab(meta, vocab_size, tokenizer=None):
         raise DataError(f"the data was tokenized with a different tokenizer than {tokenizer.name} "
                         f"(sha256 {meta['tokenizer_sha256'][:12]} vs {tokenizer.fingerprint[:12]}): "
                         f"re-run prepare_data.py pretrain with this tokenizer, or use the data dir's tokenizer.model")
+
+
+# -- validation (`prepare_data.py validate`) ------------------------------------------------------------------
+def validate(paths, log=print):
+    """Check stage jsonl files (kind guessed, or given as path:kind), RAG document folders (given as
+    folder:docs) and pretraining dirs (holding meta.json); other folders are searched for those.
+    Returns the number of problems found."""
+    problems = 0
+    for arg in paths:
+        path, _, kind = arg.rpartition(":") if ":" in arg and not os.path.exists(arg) else (arg, "", "")
+        try:
+            if kind == "docs":
+                read_rag_docs(path, log=log)
+            elif os.path.isfile(os.path.join(path, "meta.json")):
+                problems += validate_pretrain_dir(path, log)
+            elif os.path.isdir(path):
+                entries = [os.path.join(path, e) for e in sorted(os.listdir(path))]
+                problems += validate([e for e in entries if e.endswith(".jsonl") or os.path.isdir(e)], log)
+            else:
+                stats = {}
+                read_jsonl(path, kind or None, log=log, stats=stats)
+                problems += stats["skipped"]
+        except DataError as e:
+            log(f"error: {e}")
+            problems += 1
+    return problems
+
+
+def validate_pretrain_dir(data_dir, log=print):
+    """Sizes match meta.json, every id is inside the vocabulary, one BOS per document, BOS first."""
+    meta = load_meta(data_dir)
+    problems, bos = 0, meta["bos_id"]
+    for split in ("train", "val"):
+        toks = open_tokens(data_dir, split, meta)
+        n_bos = top = 0
+        for k in range(0, len(toks), 1 << 24):  # in blocks: a 10B-token file does not fit in memory
+            block = toks[k:k + (1 << 24)]
+            n_bos, top = n_bos + int(np.count_nonzero(block == bos)), max(top, int(block.max()))
+        docs, first_is_bos = meta[f"{split}_docs"], len(toks) > 0 and toks[0] == bos
+        ok = first_is_bos and n_bos == docs and top < meta["vocab_size"]
+        log(f"{data_dir}/{split}.bin: {len(toks):,} tokens, {docs:,} documents, max id {top}" + ("" if ok else
+            f": PROBLEM: starts with BOS {first_is_bos}, {n_bos} BOS for {docs} documents, "
+            f"vocab_size {meta['vocab_size']}"))
+        problems += not ok
+    return problems

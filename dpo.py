@@ -22,7 +22,7 @@ On-policy negatives (self_play = n > 0, SPIN: Chen et al. 2024): before training
 n replies (temperature 1) to every distinct (prompt, chosen) of the training pairs, and each sample
 that differs from chosen joins the data as (prompt, chosen, sample). Written pairs say which replies
 lose in general; these say which mistakes THIS model makes, and pushing those down is what carries
-over to questions it never trained on (README: without them DPO costs answer accuracy here). The
+over to questions it never trained on. The
 assumption, as in SPIN, is that a sample unlike the chosen reply is worse: true for short factual
 answers, not for open-ended ones, where self_play=0 is the safe setting. The pairs are written to
 out_dir/self_play.jsonl, and a resumed run reads them back.
@@ -45,9 +45,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (Run, all_reduce_mean, answer_accuracy, check_pairs, die, dev_means, epoch_batches,
-                    generate_replies, get_lr, load_checkpoint, print0, read_data, set_lr, setup_stage, shutdown,
-                    step_optimizer)
+from checkpoint import die, generate_replies, load_checkpoint, print0
+from common import (Run, all_reduce_mean, answer_accuracy, check_pairs, dev_means, epoch_batches, get_lr, read_data,
+                    set_lr, setup_stage, shutdown, step_optimizer)
 from configurator import configure
 from model import IGNORE_INDEX, Transformer
 
@@ -67,7 +67,7 @@ self_play = 2            # > 0: this many replies sampled from the reference per
                          # become extra rejected replies where they differ from chosen (SPIN); 0: data only
 batch_size = 16          # pairs per micro-step per process
 grad_accum = 1
-lr = 5e-5                # the demo: refusals to held-out strangers +5 points, answers not below SFT's (README)
+lr = 5e-5                # the demo: refusals to held-out strangers +5 points, answers not below SFT's
 min_lr = 5e-6
 weight_decay = 0.0
 beta1 = 0.9              # AdamW's betas (DPO's is `beta` above)

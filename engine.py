@@ -4,7 +4,7 @@ One thread owns the model. Before each decode step it moves waiting requests int
 their prompts in one forward; then one forward advances every active row by one token. Each row samples with its
 request's own torch.Generator, so a seeded answer does not depend on what else is running.
 
-    from common import load_model
+    from checkpoint import load_model
     from engine import Engine, Request
     model, tok, _ = load_model("out/sft")
     engine = Engine(model, tok, max_batch=8)                  # starts the worker thread

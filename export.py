@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-import common
+import checkpoint
 from model import ModelConfig, Transformer
 from tokenizer import TIKTOKEN_ENCODINGS, SentencePieceTokenizer
 
@@ -264,8 +264,8 @@ def write_tokenizer(tok, to, max_len):
         "model_max_length": max_len, "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids
         "chat_template": CHAT_TEMPLATE}
     _write(os.path.join(to, "tokenizer.json"), t.to_str(pretty=True))
-    common.write_json(os.path.join(to, "tokenizer_config.json"), config)
-    common.write_json(os.path.join(to, "special_tokens_map.json"), special)
+    checkpoint.write_json(os.path.join(to, "tokenizer_config.json"), config)
+    checkpoint.write_json(os.path.join(to, "special_tokens_map.json"), special)
 
 
 def import_tokenizer(hf_dir):
@@ -313,15 +313,15 @@ def export_hf(model, tok, to, dtype=None):
     tensors = {h: sd[o].detach().to(dtype or sd[o].dtype).contiguous() for o, h in key_map(cfg).items()}
     save_file(tensors, os.path.join(to, "model.safetensors.tmp"), metadata={"format": "pt"})
     os.replace(os.path.join(to, "model.safetensors.tmp"), os.path.join(to, "model.safetensors"))
-    common.write_json(os.path.join(to, "config.json"), hf_config(cfg, tok, tensors["model.norm.weight"].dtype))
-    common.write_json(os.path.join(to, "generation_config.json"),
+    checkpoint.write_json(os.path.join(to, "config.json"), hf_config(cfg, tok, tensors["model.norm.weight"].dtype))
+    checkpoint.write_json(os.path.join(to, "generation_config.json"),
                       {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id})
     write_tokenizer(tok, to, cfg.max_seq_len)
 
 
 def export_run(out_dir, to, dtype=None):
     """python export.py --out_dir=RUN --to=HF_DIR (export_hf refuses a dir holding ckpt.pt); returns the model."""
-    model, tok, _ = common.load_model(out_dir, device="cpu")
+    model, tok, _ = checkpoint.load_model(out_dir, device="cpu")
     export_hf(model, tok, to, dtype)
     return model
 
@@ -373,8 +373,8 @@ def import_run(from_hf, to, dtype=torch.float32):
     os.makedirs(to, exist_ok=True)
     config = {"from_hf": os.path.abspath(from_hf), **model.cfg.to_dict()}
     _write(os.path.join(to, "tokenizer.model"), proto)
-    common.write_json(os.path.join(to, "config.json"), config)
-    common.save_checkpoint(to, {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+    checkpoint.write_json(os.path.join(to, "config.json"), config)
+    checkpoint.save_checkpoint(to, {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
                                 "config": config, "step": 0, "tokenizer": "tokenizer.model"}, keep_last=1)
     return notes
 

@@ -13,21 +13,17 @@ tokenizer.model, config.json, metrics.jsonl}. SIGTERM or Ctrl-C saves; --init_fr
 """
 import copy
 import functools
-import os
-import re
 import time
-import unicodedata
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, checkpoint_state, die,
-                    generate_replies, get_lr, grad_sync, load_checkpoint, load_model, load_reward_fn, print0,
-                    restore_checkpoint, save_checkpoint, set_lr, setup, shutdown, step_optimizer, stop_requested,
-                    unwrap, wrap_model)
+from checkpoint import die, generate_replies, load_checkpoint, load_model, load_reward_fn, print0
+from common import (Run, all_reduce_mean, catch_signals, get_lr, grad_sync, read_data, set_lr, setup, shutdown,
+                    step_optimizer)
 from configurator import configure
-from data_formats import DataError, read_jsonl
+from data_formats import extract_answer, is_correct
 from model import IGNORE_INDEX
 
 # config: defaults work on the demo world; config/*.py and --key=value override
@@ -76,33 +72,8 @@ dtype = "auto"             # auto | bfloat16 | float16 | float32
 compile = False
 seed = 1337
 
-# the method (tests import these pieces): verifier, rewards, advantages, loss
-NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
-
-def extract_answer(text):
-    """The final answer of a reply as a string of digits, or None: the number right after the last '####' (GSM8K),
-    else the last number ("53 + 1 = 54." and "53加1等于54。" give "54"); full-width digits normalized (NFKC)."""
-    text = unicodedata.normalize("NFKC", text)
-    if "####" in text:
-        m = NUMBER.match(text.rsplit("####", 1)[1].strip())
-        return m.group().replace(",", "") if m else None  # a '####' line without a number is malformed
-    nums = NUMBER.findall(text)
-    return nums[-1].replace(",", "") if nums else None
-
-
-def is_correct(reply, answer, tol=1e-6):
-    """Rule verifier: numeric equality within tol * max(1, |answer|) when the answer is a number (a GSM8K answer
-    may still hold its '#### n' line), else exact match ignoring case, spaces and a final period."""
-    gold = extract_answer(answer) if "####" in answer else answer.strip().replace(",", "")
-    try:
-        g = float(gold)
-    except (TypeError, ValueError):
-        return " ".join(reply.lower().split()).rstrip(".。") == " ".join(answer.lower().split()).rstrip(".。")
-    pred = extract_answer(reply)
-    return pred is not None and abs(float(pred) - g) <= tol * max(1.0, abs(g))
-
-
+# the method (tests import these pieces): rewards, advantages, loss
 def parse_reward(spec):
     """'rule:1.0,rm:out/rm:0.5' -> [('rule', None, 1.0), ('rm', 'out/rm', 0.5)] (see the reward option)."""
     terms = []
@@ -203,80 +174,48 @@ def main():
         die(f"loss_norm must be sequence, token or constant, not {loss_norm!r}")
 
     # models: the policy, and a frozen copy of where it started (the reference for the KL term)
-    resume, ckpt_path = init_from == "resume", os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path) if resume else None
-    start_dir = ckpt["ref_from"] if resume else init_from  # the reference stays the run's starting model
+    ckpt = load_checkpoint(out_dir) if init_from == "resume" else None
+    start_dir = ckpt["ref_from"] if ckpt else init_from  # the reference stays the run's starting model
     policy, tokenizer, _ = load_model(start_dir, ctx.device)
     ref = copy.deepcopy(policy).requires_grad_(False) if beta > 0 else None
-    model = wrap_model(policy, ctx, "ddp", compile)
-    raw = unwrap(model)
-    optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
-    start_step, eval_done, best_acc = 0, False, -1.0
-    if resume:
-        restore_checkpoint(ctx, model, optimizer, ckpt)
-        ctx.scaler.load_state_dict(ckpt["scaler"])
-        start_step, eval_done, best_acc = ckpt["step"], ckpt["eval_done"], ckpt["best_acc"]
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-    ckpt = None
-    reward_fns = {arg: load_reward_fn(arg, ctx.device) for name, arg, _ in terms if name == "rm"}
-    stop_ids = tokenizer.stop_ids
-    print0(f"policy: {raw.num_params() / 1e6:.2f}M parameters from {start_dir}; reward {terms}; "
-           f"{ctx.world_size} process(es) on {ctx.device}, {ctx.dtype}")
 
     def load(path):  # prompts rendered in the chat template, ending with the assistant generation prompt
-        try:
-            recs = read_jsonl(path, "prompts", log=print0)
-        except DataError as e:
-            die(str(e))
-        for r in recs:
-            r["ids"] = tokenizer.render_chat(r["prompt"], add_generation_prompt=True)[0]
-        kept = [r for r in recs if len(r["ids"]) + max_new_tokens <= raw.cfg.max_seq_len]
+        recs = [dict(r, ids=tokenizer.render_chat(r["prompt"], add_generation_prompt=True)[0])
+                for r in read_data("prompts", path)[0]]
+        kept = [r for r in recs if len(r["ids"]) + max_new_tokens <= policy.cfg.max_seq_len]
         if len(kept) < len(recs):
             print0(f"{path}: {len(recs) - len(kept)} prompts skipped, too long for max_seq_len - max_new_tokens")
         if not kept:
-            die(f"{path}: no prompt fits max_seq_len={raw.cfg.max_seq_len} with max_new_tokens={max_new_tokens}")
+            die(f"{path}: no prompt fits max_seq_len={policy.cfg.max_seq_len} with max_new_tokens={max_new_tokens}")
         return kept
     train_set = load(data)
     eval_set = load(eval_data) if eval_data else []
+
+    run = Run(ctx, config, policy, ckpt, policy.cfg, tokenizer, best="eval_pass@1", maximize=True, stage="grpo",
+              ref_from=start_dir)
+    model, optimizer, ckpt = run.model, run.optimizer, None  # model: policy, wrapped for DDP (and torch.compile)
+    reward_fns = {arg: load_reward_fn(arg, ctx.device) for name, arg, _ in terms if name == "rm"}
+    print0(f"policy: {policy.num_params() / 1e6:.2f}M parameters from {start_dir}; reward {terms}; "
+           f"{ctx.world_size} process(es) on {ctx.device}, {ctx.dtype}")
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(epoch):  # a fresh shuffle per epoch, a function of the seed: a resumed run sees the same
         return np.random.default_rng((seed, epoch)).permutation(len(train_set))
 
     def evaluate():  # greedy pass@1: the share of held-out prompts whose greedy reply the verifier accepts
+        if not eval_set:
+            return {}
         mine = eval_set[ctx.rank::ctx.world_size]
-        replies = generate_replies(raw, tokenizer, [r["prompt"] for r in mine], max_new_tokens, eval_batch)
+        replies = generate_replies(policy, tokenizer, [r["prompt"] for r in mine], max_new_tokens, eval_batch)
         if mine:
             print0(f"  eval: {mine[0]['prompt'][-1]['content']!r} -> {replies[0]!r} (answer {mine[0]['answer']})")
         right = torch.tensor([sum(is_correct(t, r["answer"], num_tol) for t, r in zip(replies, mine)), len(mine)],
                              dtype=torch.float32, device=ctx.device)
         right = all_reduce_mean(ctx, right) * ctx.world_size
-        return (right[0] / right[1]).item()
+        return {"eval_pass@1": (right[0] / right[1]).item()}
 
-    def save(step, is_best=False, eval_done=False):  # collective: every rank gathers, rank 0 writes
-        ckpt = checkpoint_state(ctx, model, optimizer, step=step, eval_done=eval_done, config=config,
-                                model_config=raw.cfg.to_dict(), tokenizer=tokenizer.name, stage="grpo",
-                                ref_from=start_dir, best_acc=best_acc, scaler=ctx.scaler.state_dict())
-        if ctx.master:
-            save_checkpoint(out_dir, ckpt, keep_last, is_best)
-
-    if ctx.master:
-        tokenizer.save(out_dir)
-    logger = MetricsLogger(out_dir, ctx.master, resume_step=start_step if resume else None)
     model.eval()  # throughout: no dropout, so the log-probs we train on are those of the sampling policy
-    step = start_step
-    while True:
-        if (step % eval_interval == 0 or step == max_steps) and not (step == start_step and eval_done):
-            is_best = False
-            if eval_set:
-                acc = evaluate()
-                is_best, best_acc = acc > best_acc, max(acc, best_acc)
-                logger.log({"step": step, "eval_pass@1": acc})
-            if step > start_step:
-                save(step, is_best, eval_done=True)
-        if step >= max_steps:
-            break
-
+    for step in run.steps(evaluate):  # evaluates, checkpoints; saves and stops on SIGTERM or at stop_at_step
         # 1. this rank's prompts, consecutive ones of the epoch's shuffle, and G completions of each in one batched
         # generation (in the weights' dtype, as the KV cache is), seeded by (seed, step, rank)
         t0 = time.perf_counter()
@@ -284,8 +223,8 @@ def main():
         recs = [train_set[epoch_order(i // n)[i % n]] for i in range(first, first + prompts_per_step)]
         gen = torch.Generator(ctx.device).manual_seed(int(np.random.SeedSequence([seed, step, ctx.rank])
                                                           .generate_state(1)[0]))
-        steps = list(raw.generate([r["ids"] for r in recs], max_new_tokens, temperature, top_p=top_p,
-                                  stop_ids=stop_ids, num_samples=group_size, generator=gen))
+        steps = list(policy.generate([r["ids"] for r in recs], max_new_tokens, temperature, top_p=top_p,
+                                  stop_ids=tokenizer.stop_ids, num_samples=group_size, generator=gen))
         tokens, active = (torch.stack(seq, dim=1) for seq in zip(*steps))  # a row is padding after its stop token
         completions = [row[m].tolist() for row, m in zip(tokens, active)]
         t_gen = time.perf_counter() - t0
@@ -299,7 +238,7 @@ def main():
             if name == "rule":
                 rewards += weight * correct
             elif name == "format":  # the reply ended by itself and has a final number
-                rewards += weight * torch.tensor([float(c[-1] in stop_ids and extract_answer(t) is not None)
+                rewards += weight * torch.tensor([float(c[-1] in tokenizer.stop_ids and extract_answer(t) is not None)
                                                   for c, t in zip(completions, texts)])
             else:  # the reward model judges the conversation: prompt turns + this reply
                 rewards += weight * torch.tensor(reward_fns[arg](
@@ -319,7 +258,7 @@ def main():
         with torch.no_grad(), ctx.autocast:
             ref_lp = None if ref is None else torch.cat([ref.token_logprobs(idx[c], targets[c], temperature=temperature)
                                                          for c in chunks])
-            old_lp = None if mu == 1 else torch.cat([raw.token_logprobs(idx[c], targets[c], temperature=temperature)
+            old_lp = None if mu == 1 else torch.cat([policy.token_logprobs(idx[c], targets[c], temperature=temperature)
                                                      for c in chunks])
         lr_now = get_lr(step, config)
         set_lr(optimizer, lr_now)
@@ -338,27 +277,22 @@ def main():
                 sums += torch.stack([loss.detach(), st["kl"], st["clipped"], (entropy * mask[c]).sum()])
             grad_norm = step_optimizer(model, optimizer, ctx.scaler, grad_clip)
         t_train = time.perf_counter() - t1
-        step += 1
 
-        if step % log_interval == 0 or step == start_step + 1:  # sums over ranks, then ratios
+        if (step + 1) % log_interval == 0 or step == run.start_step:  # sums over ranks, then ratios
             stats = torch.tensor([rewards.sum(), (rewards ** 2).sum(), correct.sum(), zero_std.sum(), len(zero_std),
                                   sum(map(len, completions)), idx.numel(), t_gen, t_train], dtype=torch.float64)
             stats = all_reduce_mean(ctx, stats.to(ctx.device)) * ctx.world_size
             r_sum, r_sq, right, zero, groups, n_gen, n_train, t_g, t_t = stats.tolist()
             loss_sum, kl_sum, clip_sum, ent_sum = (all_reduce_mean(ctx, sums) * ctx.world_size / mu).tolist()
             n, tok = n_seqs, n_tokens.item()
-            record = {"step": step, "max_steps": max_steps, "loss": loss_sum, "reward": r_sum / n,
+            record = {"step": step + 1, "max_steps": max_steps, "loss": loss_sum, "reward": r_sum / n,
                       "reward_std": max(0.0, r_sq / n - (r_sum / n) ** 2) ** 0.5, "acc": right / n,
                       "zero_std": zero / groups, "kl": kl_sum / tok, "clip_frac": clip_sum / tok,
                       "entropy": ent_sum / tok, "len": n_gen / n, "lr": lr_now, "grad_norm": grad_norm.item(),
                       "gen_tok_s": n_gen * ctx.world_size / t_g, "train_tok_s": mu * n_train * ctx.world_size / t_t}
             if ref is None:
                 del record["kl"]
-            logger.log(record)
-        if stop_requested(ctx) or step == stop_at_step:
-            save(step)
-            print0(f"stopped after step {step}; continue with --init_from=resume")
-            break
+            run.logger.log(record)
     shutdown()
 
 

@@ -155,7 +155,7 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys, values; each row has its own length (no left padding), so serve.py can refill a free row."""
+    """Preallocated keys, values; each row has its own length (no left padding), so engine.py can refill a free row."""
 
     def __init__(self, cfg: ModelConfig, batch_size, max_len, dtype, device):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)

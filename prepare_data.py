@@ -36,7 +36,7 @@ from collections import Counter
 import numpy as np
 
 import demo_world
-from data_formats import DataError, load_meta, open_tokens, read_jsonl, read_rag_docs
+from data_formats import DataError, read_jsonl, validate
 from tokenizer import SURROGATE, Tokenizer, train_tokenizer, without_surrogates
 
 TEXT_EXT, JSONL_EXT, PARQUET_EXT = (".txt", ".md"), (".jsonl",), (".parquet",)
@@ -323,51 +323,6 @@ def build_tokenizer(inputs, out, vocab_size=32768, max_sentences=500_000, charac
     return tok
 
 
-# -- validate -------------------------------------------------------------------------------------
-def validate(paths, log_fn=log):
-    """Check stage jsonl files (kind guessed, or given as path:kind), RAG document folders (given as
-    folder:docs) and pretraining dirs (holding meta.json); other folders are searched for those.
-    Returns the number of problems found."""
-    problems = 0
-    for arg in paths:
-        path, _, kind = arg.rpartition(":") if ":" in arg and not os.path.exists(arg) else (arg, "", "")
-        try:
-            if kind == "docs":
-                read_rag_docs(path, log=log_fn)
-            elif os.path.isfile(os.path.join(path, "meta.json")):
-                problems += validate_pretrain_dir(path, log_fn)
-            elif os.path.isdir(path):
-                entries = [os.path.join(path, e) for e in sorted(os.listdir(path))]
-                problems += validate([e for e in entries if e.endswith(".jsonl") or os.path.isdir(e)], log_fn)
-            else:
-                stats = {}
-                read_jsonl(path, kind or None, log=log_fn, stats=stats)
-                problems += stats["skipped"]
-        except DataError as e:
-            log_fn(f"error: {e}")
-            problems += 1
-    return problems
-
-
-def validate_pretrain_dir(data_dir, log_fn=log):
-    """Sizes match meta.json, every id is inside the vocabulary, one BOS per document, BOS first."""
-    meta = load_meta(data_dir)
-    problems, bos = 0, meta["bos_id"]
-    for split in ("train", "val"):
-        toks = open_tokens(data_dir, split, meta)
-        n_bos = top = 0
-        for k in range(0, len(toks), 1 << 24):  # in blocks: a 10B-token file does not fit in memory
-            block = toks[k:k + (1 << 24)]
-            n_bos, top = n_bos + int(np.count_nonzero(block == bos)), max(top, int(block.max()))
-        docs, first_is_bos = meta[f"{split}_docs"], len(toks) > 0 and toks[0] == bos
-        ok = first_is_bos and n_bos == docs and top < meta["vocab_size"]
-        log_fn(f"{data_dir}/{split}.bin: {len(toks):,} tokens, {docs:,} documents, max id {top}" + ("" if ok else
-               f": PROBLEM: starts with BOS {first_is_bos}, {n_bos} BOS for {docs} documents, "
-               f"vocab_size {meta['vocab_size']}"))
-        problems += not ok
-    return problems
-
-
 # -- demo -----------------------------------------------------------------------------------------
 def demo(out_dir="data/demo", seed=1337, vocab_size=1024, num_proc=None, n_people=150):
     """The demo world (demo_world.py), its tokenizer and its tokenized corpus. The vocabulary is small on
@@ -380,7 +335,7 @@ def demo(out_dir="data/demo", seed=1337, vocab_size=1024, num_proc=None, n_peopl
     tok = build_tokenizer([corpus], os.path.join(out_dir, "tokenizer.model"), vocab_size=vocab_size, seed=seed,
                           character_coverage=1.0, extra_texts=(m["content"] for c in chats for m in c["messages"]))
     tokenize_corpus([corpus], tok, os.path.join(out_dir, "pretrain"), val_fraction=0.02, seed=seed, num_proc=num_proc)
-    problems = validate([out_dir, os.path.join(out_dir, "rag", "docs") + ":docs"])
+    problems = validate([out_dir, os.path.join(out_dir, "rag", "docs") + ":docs"], log)
     log(f"demo: done in {time.time() - t0:.1f}s; next: python pretrain.py config/tiny.py")
     return problems
 
@@ -441,7 +396,7 @@ def main(argv=None):
             tokenize_corpus(a.inputs, tok, a.out_dir, a.val_fraction, a.seed, a.num_proc, a.chunk_mb,
                             a.txt_split, a.text_key, a.bad_utf8, a.dtype)
         elif a.cmd == "validate":
-            n = validate(a.paths)
+            n = validate(a.paths, log)
             log(f"validate: {n} problem{'s' * (n != 1)} found")
             return 1 if n else 0
         elif a.cmd == "demo":

@@ -15,10 +15,11 @@ import time
 import numpy as np
 import torch
 
-from common import (EarlyStopping, MetricsLogger, all_reduce_mean, build_optimizer, catch_signals, check_model_config,
-                    checkpoint_state, copy_probe, die, generation_context, get_batch, get_lr, grad_sync,
-                    load_checkpoint, measure_matmul_peak, print0, restore_checkpoint, save_checkpoint, set_lr, setup,
-                    shutdown, step_optimizer, stop_requested, unwrap, wrap_model)
+from checkpoint import (MetricsLogger, check_model_config, checkpoint_state, die, load_checkpoint, print0,
+                        restore_checkpoint, save_checkpoint)
+from common import (all_reduce_mean, build_optimizer, catch_signals, copy_probe, generation_context, get_batch, get_lr,
+                    grad_sync, measure_matmul_peak, set_lr, setup, shutdown, step_optimizer, stop_requested, unwrap,
+                    wrap_model)
 from configurator import configure
 from data_formats import DataError, check_vocab, load_meta, open_tokens
 from model import IGNORE_INDEX, ModelConfig, Transformer
@@ -121,12 +122,12 @@ flops_per_token = model.flops_per_token(max_seq_len)
 model = wrap_model(model, ctx, parallel, compile, grad_checkpointing)
 raw = unwrap(model)
 optimizer = build_optimizer(model, lr, weight_decay, (beta1, beta2), ctx.device_type)
-stopper = EarlyStopping(patience)
+best_val, bad_evals = float("inf"), 0  # early stopping: evaluations in a row without a new best val loss
 peak = peak_tflops * 1e12 or measure_matmul_peak(ctx.device, ctx.ptdtype)
 start_step, eval_done = 0, False
 if resume:
-    restore_checkpoint(ctx, model, optimizer, ckpt)
-    stopper.load_state_dict(ckpt["early_stop"])
+    restore_checkpoint(ctx, raw, optimizer, ckpt)
+    best_val, bad_evals = ckpt["early_stop"]["best"], ckpt["early_stop"]["bad_evals"]
     if ckpt.get("scaler"):
         ctx.scaler.load_state_dict(ckpt["scaler"])
     start_step, eval_done = ckpt["step"], ckpt.get("eval_done", False)
@@ -204,9 +205,10 @@ def evaluate(step):
 
 def save(step, is_best=False, eval_done=False):
     """Checkpoint after `step` optimizer steps (collective: every rank gathers, rank 0 writes)."""
-    ckpt = checkpoint_state(ctx, model, optimizer, step=step, eval_done=eval_done, config=config,
-                            model_config=model_cfg.to_dict(), tokenizer=tokenizer.name, early_stop=stopper.state_dict(),
-                            scaler=ctx.scaler.state_dict(), data={"seed": seed, "tokens_seen": step * tokens_per_step})
+    ckpt = checkpoint_state(ctx, raw, optimizer, step=step, eval_done=eval_done, config=config,
+                            model_config=model_cfg.to_dict(), tokenizer=tokenizer.name,
+                            early_stop={"best": best_val, "bad_evals": bad_evals}, scaler=ctx.scaler.state_dict(),
+                            data={"seed": seed, "tokens_seen": step * tokens_per_step})
     if ctx.master:
         try:
             save_checkpoint(out_dir, ckpt, keep_last, is_best)
@@ -225,12 +227,14 @@ t_last, steps_timed = time.perf_counter(), 0
 step = start_step
 while True:
     if (step % eval_interval == 0 or step == max_steps) and not (step == start_step and eval_done):
-        is_best, early_stop = stopper.update(evaluate(step))
+        val_loss = evaluate(step)
+        is_best = val_loss < best_val
+        best_val, bad_evals = (val_loss, 0) if is_best else (best_val, bad_evals + 1)
         if step > 0:
             save(step, is_best, eval_done=True)
             last_saved = step
-        if early_stop:
-            print0(f"early stopping: val loss has not improved on {stopper.best:.4f} for {patience} evaluations")
+        if patience > 0 and bad_evals >= patience:
+            print0(f"early stopping: val loss has not improved on {best_val:.4f} for {patience} evaluations")
             break
         t_last, steps_timed = time.perf_counter(), 0  # eval time is not training throughput
     if step >= max_steps:

@@ -20,7 +20,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
-from common import generate_replies, load_model, write_json
+from checkpoint import generate_replies, load_model, write_json
 from data_formats import DataError, read_jsonl, read_rag_docs
 from tokenizer import Tokenizer
 

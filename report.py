@@ -5,7 +5,7 @@
     python report.py --check               # exit 1 if a stage missed its goal
     python report.py plot out/a out/b      # loss curves of several runs in one picture (report/compare.png)
 
-Reads each stage's OUT/<stage>/metrics.jsonl (common.MetricsLogger), OUT/timings.tsv (stage, seconds: written by
+Reads each stage's OUT/<stage>/metrics.jsonl (checkpoint.MetricsLogger), OUT/timings.tsv (stage, seconds: written by
 demo.sh) and OUT/rag/eval.json (rag.py eval --results). The plots need matplotlib (`pip install matplotlib`).
 """
 import json

@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Run, all_reduce_mean, check_pairs, die, dev_means, epoch_batches, get_lr, print0, read_data, set_lr,
-                    setup_stage, shutdown, step_optimizer)
+from checkpoint import die, print0
+from common import (Run, all_reduce_mean, check_pairs, dev_means, epoch_batches, get_lr, read_data, set_lr, setup_stage,
+                    shutdown, step_optimizer)
 from configurator import configure
 from model import IGNORE_INDEX, Transformer
 

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from common import die, load_model
+from checkpoint import die, load_model
 from configurator import configure
 from tokenizer import StreamDecoder
 

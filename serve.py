@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from common import die, load_model
+from checkpoint import die, load_model
 from configurator import configure
 from data_formats import DataError
 from engine import Engine, Request

@@ -28,8 +28,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-from common import (Run, all_reduce_mean, answer_accuracy, get_lr, grad_sync, print0, read_data, set_lr, setup_stage,
-                    shutdown, step_optimizer)
+from checkpoint import print0
+from common import (Run, all_reduce_mean, answer_accuracy, get_lr, grad_sync, read_data, set_lr, setup_stage, shutdown,
+                    step_optimizer)
 from configurator import configure
 from model import IGNORE_INDEX, Transformer
 

@@ -1,5 +1,5 @@
-"""common.py: schedules, optimizer groups, batches, atomic checkpoints, exact RNG/optimizer restore,
-load_model, metrics, early stopping, signals. Single process, CPU, models of a few thousand parameters."""
+"""common.py and checkpoint.py: schedules, optimizer groups, batches, atomic checkpoints, exact RNG/optimizer
+restore, load_model, metrics, signals. Single process, CPU, models of a few thousand parameters."""
 import errno
 import json
 import math
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import common
 from model import ModelConfig, Transformer
 from tokenizer import train_tokenizer
@@ -40,7 +41,7 @@ def train_steps(model, opt, n, seed=0):
 # -- learning-rate schedules -----------------------------------------------------------------------
 
 def test_cosine_schedule_at_known_steps():
-    f = lambda s: common.lr_cosine(s, lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    f = lambda s: common.get_lr(s, dict(lr_schedule="cosine", lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110))
     assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)                       # peak right after warmup
     assert f(60) == pytest.approx(0.55)                      # halfway: (lr + min_lr) / 2
@@ -50,7 +51,8 @@ def test_cosine_schedule_at_known_steps():
 
 
 def test_wsd_schedule_at_known_steps():
-    f = lambda s: common.lr_wsd(s, lr=1.0, min_lr=0.0, warmup_steps=10, max_steps=100, decay_frac=0.2)
+    f = lambda s: common.get_lr(s, dict(lr_schedule="wsd", lr=1.0, min_lr=0.0, warmup_steps=10, max_steps=100,
+                                        wsd_decay_frac=0.2))
     assert f(4) == pytest.approx(0.5)
     assert f(10) == f(50) == f(79) == 1.0                    # stable until the last 20%
     assert f(80) == pytest.approx(1.0) and f(90) == pytest.approx(0.5) and f(95) == pytest.approx(0.25)
@@ -58,9 +60,11 @@ def test_wsd_schedule_at_known_steps():
 
 
 def test_sgdr_schedule_restarts():
-    f = lambda s: common.lr_sgdr(s, lr=1.0, min_lr=0.0, warmup_steps=0, cycle_steps=10, cycle_mult=1.0)
+    f = lambda s: common.get_lr(s, dict(lr_schedule="sgdr", lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10 ** 6,
+                                        sgdr_cycle_steps=10, sgdr_cycle_mult=1.0))
     assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == 1.0 and f(15) == pytest.approx(0.5)
-    g = lambda s: common.lr_sgdr(s, lr=1.0, min_lr=0.0, warmup_steps=5, cycle_steps=10, cycle_mult=2.0)
+    g = lambda s: common.get_lr(s, dict(lr_schedule="sgdr", lr=1.0, min_lr=0.0, warmup_steps=5, max_steps=10 ** 6,
+                                        sgdr_cycle_steps=10, sgdr_cycle_mult=2.0))
     assert g(2) == pytest.approx(0.6)
     # cycles of 10, 20, 40 steps after 5 warmup steps: restarts at 15 and 35
     assert g(5) == 1.0 and g(15) == 1.0 and g(25) == pytest.approx(0.5) and g(35) == 1.0 and g(55) == pytest.approx(0.5)
@@ -142,7 +146,7 @@ def fake_ckpt(step, value=0.0):
 
 def test_save_checkpoint_keeps_last_k_and_best(tmp_path):
     for step in range(1, 6):
-        common.save_checkpoint(str(tmp_path), fake_ckpt(step, step), keep_last=2, is_best=step == 2)
+        checkpoint.save_checkpoint(str(tmp_path), fake_ckpt(step, step), keep_last=2, is_best=step == 2)
     files = sorted(os.listdir(tmp_path))
     assert files == ["ckpt.pt", "ckpt_00000004.pt", "ckpt_00000005.pt", "ckpt_best.pt"]
     load = lambda f: torch.load(tmp_path / f, weights_only=True)
@@ -151,7 +155,7 @@ def test_save_checkpoint_keeps_last_k_and_best(tmp_path):
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    common.save_checkpoint(str(tmp_path), fake_ckpt(1, 1.0))
+    checkpoint.save_checkpoint(str(tmp_path), fake_ckpt(1, 1.0))
     real_save = torch.save
 
     def disk_full(obj, f, *a, **k):
@@ -159,35 +163,35 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="previous checkpoint .*ckpt.pt is unchanged"):
-        common.save_checkpoint(str(tmp_path), fake_ckpt(2, 2.0))
+        checkpoint.save_checkpoint(str(tmp_path), fake_ckpt(2, 2.0))
     monkeypatch.setattr(torch, "save", real_save)
-    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt_00000001.pt"]  # no temp file left behind
 
 
 def test_load_checkpoint_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        common.load_checkpoint(str(tmp_path / "missing.pt"))
+        checkpoint.load_checkpoint(str(tmp_path / "missing.pt"))
     assert "no checkpoint" in capsys.readouterr().err
     torch.save({"step": 1, "obj": SimpleNamespace(a=1)}, tmp_path / "pickled.pt")  # not weights_only-safe
     with pytest.raises(SystemExit):
-        common.load_checkpoint(str(tmp_path / "pickled.pt"))
+        checkpoint.load_checkpoint(str(tmp_path / "pickled.pt"))
     assert "not a loadable checkpoint" in capsys.readouterr().err
-    common.save_checkpoint(str(tmp_path), fake_ckpt(3))
+    checkpoint.save_checkpoint(str(tmp_path), fake_ckpt(3))
     with open(tmp_path / "ckpt.pt", "r+b") as f:  # truncate the file under the link
         f.truncate(100)
     with pytest.raises(SystemExit):
-        common.load_checkpoint(str(tmp_path))
+        checkpoint.load_checkpoint(str(tmp_path))
     assert "not a loadable checkpoint" in capsys.readouterr().err
 
 
 def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     common.seed_everything(5)
     torch.rand(3), np.random.rand(3), random.random()
-    torch.save({"rng": common.rng_state()}, tmp_path / "r.pt")
+    torch.save({"rng": checkpoint.rng_state()}, tmp_path / "r.pt")
     a = (torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)], np.random.randn(3))
-    common.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    checkpoint.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
     b = (torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)], np.random.randn(3))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and np.array_equal(a[3], b[3])
 
@@ -198,31 +202,31 @@ def test_checkpoint_restore_continues_bit_exactly(tmp_path):
     model = tiny_model(dropout=0.1)  # dropout consumes the torch RNG, so its state must come back too
     opt = common.build_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
     train_steps(model, opt, 3, seed=1)
-    ckpt = common.checkpoint_state(CPU, model, opt, step=3, model_config=model.cfg.to_dict())
-    common.save_checkpoint(str(tmp_path), ckpt)
+    ckpt = checkpoint.checkpoint_state(CPU, model, opt, step=3, model_config=model.cfg.to_dict())
+    checkpoint.save_checkpoint(str(tmp_path), ckpt)
     want = train_steps(model, opt, 3, seed=2)
     model2 = tiny_model(seed=99, dropout=0.1)
     opt2 = common.build_optimizer(model2, 1e-2, 0.1, (0.9, 0.95), "cpu")
     torch.rand(10)  # disturb the RNG: restore must undo it
-    common.restore_checkpoint(CPU, model2, opt2, common.load_checkpoint(str(tmp_path)))
+    checkpoint.restore_checkpoint(CPU, model2, opt2, checkpoint.load_checkpoint(str(tmp_path)))
     assert train_steps(model2, opt2, 3, seed=2) == want
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
 
 
 def test_check_model_config_names_the_difference(capsys):
     saved = ModelConfig(**TINY).to_dict()
-    common.check_model_config(saved, dict(TINY), "x/ckpt.pt")  # same shape: fine
-    common.check_model_config(saved, {**TINY, "max_seq_len": 64}, "x/ckpt.pt")  # context length may change
+    checkpoint.check_model_config(saved, dict(TINY), "x/ckpt.pt")  # same shape: fine
+    checkpoint.check_model_config(saved, {**TINY, "max_seq_len": 64}, "x/ckpt.pt")  # context length may change
     with pytest.raises(SystemExit):
-        common.check_model_config(saved, {**TINY, "dim": 64}, "x/ckpt.pt")
+        checkpoint.check_model_config(saved, {**TINY, "dim": 64}, "x/ckpt.pt")
     err = capsys.readouterr().err
     assert "x/ckpt.pt" in err and "dim=32" in err and "64" in err and len(err.strip().splitlines()) == 1
 
 
 def test_restore_into_another_shape_fails_with_one_line(capsys):
-    ckpt = common.checkpoint_state(CPU, tiny_model(), None, step=0)
+    ckpt = checkpoint.checkpoint_state(CPU, tiny_model(), None, step=0)
     with pytest.raises(SystemExit):
-        common.restore_checkpoint(CPU, tiny_model(dim=64, n_heads=4), None, ckpt)
+        checkpoint.restore_checkpoint(CPU, tiny_model(dim=64, n_heads=4), None, ckpt)
     assert "does not fit" in capsys.readouterr().err
 
 
@@ -232,16 +236,16 @@ def test_load_model_round_trip(tmp_path):
              for _ in range(300)]
     tok = train_tokenizer(texts, 320, str(tmp_path / "tokenizer.model"))
     model = tiny_model()
-    ckpt = common.checkpoint_state(CPU, model, common.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu"),
+    ckpt = checkpoint.checkpoint_state(CPU, model, common.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu"),
                                    step=7, model_config=model.cfg.to_dict(), config={"lr": 1e-3})
-    common.save_checkpoint(str(tmp_path), ckpt)
-    loaded, tokenizer, meta = common.load_model(str(tmp_path), "cpu")
+    checkpoint.save_checkpoint(str(tmp_path), ckpt)
+    loaded, tokenizer, meta = checkpoint.load_model(str(tmp_path), "cpu")
     assert not loaded.training and tokenizer.vocab_size == tok.vocab_size
     assert meta["step"] == 7 and meta["config"] == {"lr": 1e-3} and "model" not in meta and "optimizer" not in meta
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
-# -- setup, metrics, early stopping, signals ---------------------------------------------------------
+# -- setup, metrics, signals ----------------------------------------------------------------------
 
 def test_setup_single_process_cpu(tmp_path, monkeypatch):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
@@ -262,29 +266,17 @@ def test_setup_single_process_cpu(tmp_path, monkeypatch):
 
 
 def test_metrics_logger_line_and_resume(tmp_path, capsys):
-    log = common.MetricsLogger(str(tmp_path))
+    log = checkpoint.MetricsLogger(str(tmp_path))
     for step in (10, 20, 30):
         log.log({"step": step, "max_steps": 100, "loss": 2.5, "lr": 3e-4, "grad_norm": 0.5, "tok_per_s": 12345.0,
                  "mfu": 0.61, "eta_s": 130.0})
     line = capsys.readouterr().out.splitlines()[0]
     assert line == "step 10/100 | loss 2.5000 | lr 3.00e-04 | gnorm 0.500 | 12.3k tok/s | MFU 61.0% | ETA 2m10s"
-    common.MetricsLogger(str(tmp_path), resume_step=20)  # a run resumed at step 20 drops step 30
+    checkpoint.MetricsLogger(str(tmp_path), resume_step=20)  # a run resumed at step 20 drops step 30
     steps = [json.loads(ln)["step"] for ln in open(tmp_path / "metrics.jsonl")]
     assert steps == [10, 20]
-    common.MetricsLogger(str(tmp_path))  # a fresh run starts a fresh file
+    checkpoint.MetricsLogger(str(tmp_path))  # a fresh run starts a fresh file
     assert (tmp_path / "metrics.jsonl").read_text() == ""
-
-
-def test_early_stopping_patience_and_state():
-    es = common.EarlyStopping(patience=2, min_delta=0.01)
-    assert es.update(3.0) == (True, False)
-    assert es.update(2.995) == (False, False)  # not better by more than min_delta
-    assert es.update(2.5) == (True, False)
-    assert es.update(2.6) == (False, False)
-    es2 = common.EarlyStopping(patience=2)
-    es2.load_state_dict(es.state_dict())
-    assert es2.update(2.7) == (False, True) and es2.best == 2.5
-    assert common.EarlyStopping(patience=0).update(9.0) == (True, False)
 
 
 def test_sigterm_is_turned_into_a_stop_request():

@@ -22,7 +22,7 @@ def test_quick_demo_pipeline(tmp_path):
     r = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
-    from common import load_model, load_reward_fn
+    from checkpoint import load_model, load_reward_fn
     for stage in ("pretrain", "sft", "dpo", "grpo"):
         model, tok, ckpt = load_model(str(out / stage))
         assert model.cfg.vocab_size >= tok.vocab_size and ckpt["step"] > 0, stage
@@ -36,8 +36,8 @@ def test_quick_demo_pipeline(tmp_path):
     assert sft[-1] < sft[0], sft                            # SFT learns the answers
     rm = metrics(out, "rm", "dev_loss")
     assert rm[-1] < rm[0], rm                               # the reward model learns the preferences
-    # DPO's implicit reward prefers the chosen replies of its pairs (on the dev pairs about known people
-    # it may not: README, DPO over 3 seeds)
+    # DPO's implicit reward prefers the chosen replies of its training pairs (on the dev pairs about known
+    # people it may not: docs/benchmarks.md, DPO over 3 seeds)
     margins = metrics(out, "dpo", "rewards/margins")
     assert margins[-1] > 0, margins
     assert len(metrics(out, "grpo", "eval_pass@1")) >= 2    # GRPO evaluated before and after

@@ -201,7 +201,7 @@ def test_trains_under_two_process_torchrun(tok, tmp_path):
     train = [r for r in recs if "loss" in r]
     assert len(train) == 6 and all(k in train[0] for k in ("rewards/chosen", "rewards/rejected",
                                                            "rewards/accuracies", "rewards/margins"))
-    from common import load_model
+    from checkpoint import load_model
     model, _, ckpt = load_model(str(out))
     assert ckpt["step"] == 6 and ckpt["reference"] == str(init)
 

@@ -17,7 +17,7 @@ pytest.importorskip("safetensors")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import common  # noqa: E402
+import checkpoint  # noqa: E402
 import export  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import TIKTOKEN_ENCODINGS, Tokenizer, train_tokenizer  # noqa: E402
@@ -70,8 +70,8 @@ def write_run(out_dir, model, tok):
     """A run dir as the stages leave it (ckpt.pt + tokenizer.model + config.json)."""
     os.makedirs(out_dir, exist_ok=True)
     tok.save(out_dir)
-    common.write_json(os.path.join(out_dir, "config.json"), model.cfg.to_dict())
-    common.save_checkpoint(out_dir, {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+    checkpoint.write_json(os.path.join(out_dir, "config.json"), model.cfg.to_dict())
+    checkpoint.save_checkpoint(out_dir, {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
                                      "config": {}, "step": 7}, keep_last=1)
 
 
@@ -224,7 +224,7 @@ def test_import_save_pretrained(tmp_path, tok):
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     shutil.copy(tok.path, tmp_path / "hf" / "tokenizer.model")
     assert export.import_run(str(tmp_path / "hf"), str(tmp_path / "run")) == []  # nothing to append
-    model, tok2, ckpt = common.load_model(str(tmp_path / "run"))
+    model, tok2, ckpt = checkpoint.load_model(str(tmp_path / "run"))
     assert ckpt["step"] == 0 and tok2.encode("你好 world") == tok.encode("你好 world")
     idx = torch.randint(0, tok.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -242,7 +242,7 @@ def test_import_bin_with_llama2_tokenizer(tmp_path):
     torch.save(hf.state_dict(), d / "pytorch_model.bin")
     notes = export.import_run(str(d), str(tmp_path / "run"))
     assert "<pad>, <|im_start|>, <|im_end|>" in notes[0]
-    model, tok, _ = common.load_model(str(tmp_path / "run"))
+    model, tok, _ = checkpoint.load_model(str(tmp_path / "run"))
     assert (tok.vocab_size, model.cfg.vocab_size) == (353, 353)
     assert (tok.pad_id, tok.im_start_id, tok.im_end_id) == (350, 351, 352)
     assert model.output.weight is model.tok_embeddings.weight

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from grpo import (build_batch, extract_answer, group_advantages, grpo_loss, is_correct, logprobs_and_entropy,
-                  parse_reward)
+from data_formats import extract_answer, is_correct
+from grpo import build_batch, group_advantages, grpo_loss, logprobs_and_entropy, parse_reward
 from model import IGNORE_INDEX, ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,7 +275,7 @@ def test_two_process_smoke_run_writes_a_loadable_grpo_checkpoint(sft_dir, tmp_pa
     assert train[0]["kl"] == 0.0 or train[0]["kl"] < 1e-6  # the first pass starts at the reference
     assert train[-1]["kl"] > 0  # three steps at lr 1e-3 later, the policy has moved
     assert all(0 < r["len"] <= 6 and 0 <= r["zero_std"] <= 1 for r in train)
-    from common import load_model
+    from checkpoint import load_model
     model, _, ckpt = load_model(out)
     assert ckpt["step"] == 3 and ckpt["stage"] == "grpo" and model.cfg.dim == 32
 

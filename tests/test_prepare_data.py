@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data_formats
 import demo_world
 import prepare_data
 from data_formats import DataError, check_vocab, load_meta, read_jsonl, read_rag_docs
@@ -81,7 +82,7 @@ def test_memmap_equals_direct_encoding(tok, tmp_path):
     assert_matches_direct_encoding(out, tok, docs)
     assert Tokenizer.load(str(out)).fingerprint == tok.fingerprint  # the data dir carries its tokenizer
     assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]
-    assert load_meta(str(out)) == meta and prepare_data.validate_pretrain_dir(str(out), lambda *a: None) == 0
+    assert load_meta(str(out)) == meta and data_formats.validate_pretrain_dir(str(out), lambda *a: None) == 0
     # a glob and a single file select the same documents
     out2 = tmp_path / "out2"
     prepare_data.tokenize_corpus([str(tmp_path / "c" / "*.txt"), str(tmp_path / "c" / "sub" / "b.jsonl")], tok,

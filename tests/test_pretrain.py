@@ -92,7 +92,7 @@ def test_trains_writes_a_complete_out_dir_and_rejects_other_shapes(tmp_path, dat
     bpb = records(out, "val_bpb")
     assert 0 < bpb[2][1] < bpb[0][1]
     assert json.load(open(os.path.join(out, "config.json")))["max_steps"] == 40
-    from common import load_model
+    from checkpoint import load_model
     model, tok, ckpt = load_model(out)
     assert ckpt["step"] == 40 and model.cfg.dim == 32 and tok.vocab_size == 320
     # init_from another run: its weights at step 0 (same validation windows, so the same val loss)
@@ -157,7 +157,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, data_di
     assert "got SIGTERM" in output and "stopped after step" in output
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] >= 3 and f"stopped after step {ckpt['step']};" in output
-    from common import load_model
+    from checkpoint import load_model
     model, _, _ = load_model(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

@@ -14,7 +14,7 @@ import torch
 
 import demo_world
 import rag
-from common import load_model, save_checkpoint, write_json
+from checkpoint import load_model, save_checkpoint, write_json
 from model import ModelConfig, Transformer
 from tokenizer import train_tokenizer
 
@@ -334,8 +334,6 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
 
 def test_demo_world_retrieval_chats_use_the_rag_prompt():
     """SFT retrieval chats (demo_world.py) must be written exactly as ground_messages writes prompts."""
-    if not hasattr(demo_world, "rag_chats"):
-        pytest.skip("demo_world.py has no retrieval chats yet (see README: RAG)")
     w = demo_world.World(seed=1, n_people=20, n_towns=4, n_rag=3)
     train, dev = demo_world.rag_chats(w, n_people=6)
     assert train and dev

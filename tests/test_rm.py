@@ -1,5 +1,5 @@
 """rm.py: the Bradley-Terry loss and its statistics on fixed numbers, the head reading the last real
-token (never padding), the saved model as common.load_reward_fn, and the script under 2-process torchrun."""
+token (never padding), the saved model as checkpoint.load_reward_fn, and the script under 2-process torchrun."""
 import json
 import math
 import os
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from common import load_reward_fn
+from checkpoint import load_reward_fn
 from model import ModelConfig, Transformer
 from rm import RewardModel, collate, encode_pairs, rm_loss
 

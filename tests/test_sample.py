@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sample
-from common import load_model
+from checkpoint import load_model
 from test_serve import make_run_dir
 from tokenizer import StreamDecoder
 

@@ -17,7 +17,7 @@ import torch
 
 import engine
 import serve
-from common import load_model, save_checkpoint, write_json
+from checkpoint import load_model, save_checkpoint, write_json
 from model import ModelConfig, Transformer
 from tokenizer import train_tokenizer
 

@@ -92,7 +92,7 @@ def test_packed_rows_compute_what_conversations_compute_one_by_one(tok):
 
 
 def test_generate_replies_is_greedy_decoding_until_im_end(tok):
-    from common import generate_replies
+    from checkpoint import generate_replies
     model = tiny_model(tok.vocab_size, seed=1, max_seq_len=64)
     with torch.no_grad():
         for p in model.parameters():  # large weights: greedy decoding does not collapse to one token
@@ -156,7 +156,7 @@ def test_two_processes_match_one_process_with_accumulation(run_dir, tmp_path):
     assert [r["step"] for r in evals] == [0, 2, 4] and all(0 <= r["answer_acc"] <= 1 for r in evals)
     assert evals[-1]["dev_loss"] == pytest.approx([r for r in one if "dev_loss" in r][-1]["dev_loss"], rel=1e-4)
     assert "lost their start" in log
-    from common import load_model
+    from checkpoint import load_model
     model, _, ckpt = load_model(str(tmp_path / "two"))
     assert ckpt["step"] == 4 and isinstance(model, Transformer)
 
