@@ -2,8 +2,8 @@
 nearest ones to a question with one numpy matrix product, and answer from them as numbered sources.
 
     python rag.py index --docs=data/demo/rag/docs --out_dir=out/rag          # chunk + embed (TF-IDF)
-    python rag.py query --index=out/rag --query="How old is Diti?" --k=5     # top-k chunks, with scores
-    python rag.py ask   --index=out/rag --model=out/sft --query="迪蒂今年多大？"  # grounded answer + sources
+    python rag.py query --index=out/rag --query="How old is Dava?" --k=5     # top-k chunks, with scores
+    python rag.py ask   --index=out/rag --model=out/sft --query="达瓦今年多大？"  # grounded answer + sources
     python rag.py eval  --index=out/rag --model=out/sft --qa=data/demo/rag/qa.jsonl
 
 Index files: docs/data.md. serve.py --rag_index grounds chat answers in an index; `bench.py rag` times top_k at 1M.
@@ -208,7 +208,7 @@ def top_k(vectors, queries, k, block_bytes=32 << 20):
 
 
 class Retriever:
-    """Retriever("out/rag").search(["How old is Diti?"], k=5) -> per query, best first, [{"rank", "score", "id",
+    """Retriever("out/rag").search(["How old is Dava?"], k=5) -> per query, best first, [{"rank", "score", "id",
     "source", "offsets", "text"}]. Vectors are memory-mapped, texts stay on disk (device: for a model embedder)."""
 
     def __init__(self, index_dir, device="auto"):
