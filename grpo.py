@@ -224,7 +224,7 @@ def main():
         gen = torch.Generator(ctx.device).manual_seed(int(np.random.SeedSequence([seed, step, ctx.rank])
                                                           .generate_state(1)[0]))
         steps = list(policy.generate([r["ids"] for r in recs], max_new_tokens, temperature, top_p=top_p,
-                                  stop_ids=tokenizer.stop_ids, num_samples=group_size, generator=gen))
+                                     stop_ids=tokenizer.stop_ids, num_samples=group_size, generator=gen))
         tokens, active = (torch.stack(seq, dim=1) for seq in zip(*steps))  # a row is padding after its stop token
         completions = [row[m].tolist() for row, m in zip(tokens, active)]
         t_gen = time.perf_counter() - t0

@@ -324,7 +324,7 @@ def build_tokenizer(inputs, out, vocab_size=32768, max_sentences=500_000, charac
 
 
 # -- demo -----------------------------------------------------------------------------------------
-def demo(out_dir="data/demo", seed=1337, vocab_size=1024, num_proc=None, n_people=80):
+def demo(out_dir="data/demo", seed=1337, vocab_size=1024, num_proc=None, n_people=demo_world.N_PEOPLE):
     """The demo world (demo_world.py), its tokenizer and its tokenized corpus. The vocabulary is small on
     purpose: at 1024 no token fuses a name with its fact, so facts stay compositional (docs/data.md)."""
     t0 = time.time()
@@ -381,7 +381,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--vocab_size", type=int, default=1024)
     p.add_argument("--num_proc", type=int, default=os.cpu_count())
-    p.add_argument("--n_people", type=int, default=80, help="world size (towns, pets and problems scale with it)")
+    p.add_argument("--n_people", type=int, default=demo_world.N_PEOPLE,
+                   help="world size (towns, pets and problems scale with it)")
 
     a = ap.parse_args(argv)
     try:
