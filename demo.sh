@@ -13,7 +13,7 @@ OUT=${OUT:-out}
 DATA=${DATA:-data/demo}
 
 if [ "${QUICK:-0}" = 1 ]; then   # few steps per stage: checks the plumbing, not the quality
-  PT="--max_steps=120 --eval_interval=60 --warmup_steps=10 --copy_start=40 --copy_end=80 --sample_tokens=0"
+  PT="--max_steps=120 --eval_interval=60 --warmup_steps=10 --sample_tokens=0"
   SFT="--max_steps=60 --eval_interval=30 --eval_answers=64"
   RM="--max_steps=40 --eval_interval=20"
   DPO="--max_steps=30 --eval_interval=15 --eval_answers=64 --self_play=1"

@@ -24,8 +24,6 @@ grad_accum = 1
 # Copy drills (pretrain.copy_drills): half of every batch from step 0. They form induction heads late, in the lr
 # decay (~step 800); a drill-only phase first (copy_start/copy_end) costs the facts, arithmetic and translation
 # the corpus would have taught in those steps, and the model never wins them back.
-copy_start = 0
-copy_end = 0
 copy_frac = 0.5
 # A small model takes a larger lr than the 1B recipe: 2e-3 after a short warmup, held (warmup-stable-decay),
 # then down to 10% over the second half.
