@@ -106,9 +106,11 @@ class World:
                 self.names.append((en, zh))
                 return en, zh
 
-    def person(self):
-        r = self.rng
-        (en, zh), (pet_en, pet_zh), town = self.name(2), self.name(2), r.choice(self.towns)
+    def person(self, names=None, r=None):
+        """A person with random facts; names ((en, zh), pet's (en, zh)) and r (the rng) default to new ones."""
+        r = r or self.rng
+        (en, zh), (pet_en, pet_zh) = names or (self.name(2), self.name(2))
+        town = r.choice(self.towns)
         job, colour, food, animal = r.choice(JOBS), r.choice(COLOURS), r.choice(FOODS), r.choice(ANIMALS)
         age = r.randint(18, 80)
         return {  # the format fields of FACTS/QUESTIONS, per language
@@ -323,43 +325,78 @@ def rag(w, dev_frac=0.34):
     return sheets, qa
 
 
-def rag_chats(w, n_people=40, n_sources=3):
-    """(train, dev) SFT chats that teach answering from numbered sources and citing [n], about people made
-    here (the answer can only come from the sources). A source is like a retrieved chunk of a fact sheet; one
-    chat in ten has none with the answer and replies "I don't know." The last fifth of the people are dev."""
+def chunk(r, p, lang, must=None):
+    """(text, attributes): a run of consecutive facts of p in sheet order (containing attribute `must`, if given)."""
+    n = r.randint(2, 5)
+    lo = r.randint(0, len(ATTRS) - n) if must is None else \
+        r.randint(max(0, ATTRS.index(must) - n + 1), min(ATTRS.index(must), len(ATTRS) - n))
+    text = (" " if lang == "en" else "").join(fact(p, a, lang) for a in ATTRS[lo:lo + n])
+    if lo == 0 and r.random() < 0.5:  # the first chunk of a sheet starts with its title (its line
+        text = f"{p['en']['n']} / {p['zh']['n']} {text}"  # breaks become spaces, as in ground_messages)
+    return text, ATTRS[lo:lo + n]
+
+
+def grounded(r, p, pool, a, lang, n_sources=3, no_answer=0.1):
+    """(prompt, reply): a question about attribute a of p with n_sources numbered sources, exactly as rag.py's
+    ground_messages writes it. A source is like a retrieved chunk of a fact sheet: one about each of n_sources
+    people from pool, the first replaced by one about p with the answer, except in a no_answer share of
+    prompts, whose reply is "I don't know."."""
+    z = lang == "zh"
+    src_lang = lang if r.random() < 0.8 else ("en" if z else "zh")  # sometimes the other language
+
+    sources = [chunk(r, o, src_lang)[0] for o in r.sample([o for o in pool if o is not p], n_sources)]
+    answerable = r.random() >= no_answer
+    if answerable:
+        sources[0] = chunk(r, p, src_lang, must=a)[0]
+    r.shuffle(sources)
+    listed = "\n".join(f"[{n}] {s}" for n, s in enumerate(sources, 1))
+    prompt = RAG_PROMPT[z].format(sources=listed, question=question(p, a, lang, r.randrange(2)))
+    if not answerable:
+        return prompt, DONT_KNOW[z]
+    n = next(n for n, s in enumerate(sources, 1) if p[src_lang]["n"] in s)
+    return prompt, fact(p, a, lang) + ("" if z else " ") + f"[{n}]"
+
+
+def rag_chats(w, n_people=40):
+    """(train, dev) SFT chats that teach answering from numbered sources and citing [n] (grounded), about people
+    made here: the answer can only come from the sources. The last fifth of the people are dev."""
     r, people = w.rng, [w.person() for _ in range(n_people)]
     out = ([], [])
-
-    def chunk(p, lang, must=None):
-        """A run of consecutive facts of p in sheet order (containing attribute `must`, if given)."""
-        n = r.randint(2, 5)
-        lo = r.randint(0, len(ATTRS) - n) if must is None else \
-            r.randint(max(0, ATTRS.index(must) - n + 1), min(ATTRS.index(must), len(ATTRS) - n))
-        text = (" " if lang == "en" else "").join(fact(p, a, lang) for a in ATTRS[lo:lo + n])
-        if lo == 0 and r.random() < 0.5:  # the first chunk of a sheet starts with its title (its line
-            text = f"{p['en']['n']} / {p['zh']['n']} {text}"  # breaks become spaces, as in ground_messages)
-        return text
-
     for i, p in enumerate(people):
         for a in ATTRS:
             for lang in ("en", "zh"):
-                z = lang == "zh"
-                src_lang = lang if r.random() < 0.8 else ("en" if z else "zh")  # sometimes the other language
-                sources = [chunk(o, src_lang) for o in r.sample([o for o in people if o is not p], n_sources)]
-                answerable = r.random() > 0.1
-                if answerable:
-                    sources[0] = chunk(p, src_lang, must=a)
-                r.shuffle(sources)
-                listed = "\n".join(f"[{n}] {s}" for n, s in enumerate(sources, 1))
-                user = RAG_PROMPT[z].format(sources=listed, question=question(p, a, lang, r.randrange(2)))
-                if answerable:
-                    n = next(n for n, s in enumerate(sources, 1) if p[src_lang]["n"] in s)
-                    reply = fact(p, a, lang) + ("" if z else " ") + f"[{n}]"
-                else:
-                    reply = DONT_KNOW[z]
+                prompt, reply = grounded(r, p, people, a, lang)
                 out[i >= n_people - max(1, n_people // 5)].append(
-                    {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
+                    {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]})
     return out
+
+
+def reading(w, n_docs, n_sources=3, n_questions=4, seed=0):
+    """Pretraining documents that make reading pay: n_sources numbered sources and n_questions questions about
+    them with answers that cite [n], about people whose facts are drawn anew for every document, so that an
+    answer is in the sources and nowhere else (not in the weights). Their names are in no other file (this runs
+    last, when every other name is taken)."""
+    r = random.Random(f"reading/{seed}")
+    free = [(en, zh) for en, zh in ((a.capitalize() + b, SYLLABLES[a] + SYLLABLES[b]) for a in sorted(SYLLABLES)
+                                    for b in sorted(SYLLABLES) if a != b)
+            if not any(x.lower() in y.lower() or y.lower() in x.lower() for old in w.names
+                       for x, y in ((en, old[0]), (zh, old[1])))]
+    docs = []
+    for _ in range(n_docs):
+        names = r.sample(free, 2 * n_sources)
+        people = [w.person(names[i:i + 2], r) for i in range(0, len(names), 2)]
+        lang = r.choice(("en", "zh"))
+        z = lang == "zh"
+        src_lang = lang if r.random() < 0.8 else ("en" if z else "zh")
+        chunks = [chunk(r, p, src_lang) for p in people]
+        listed = "\n".join(f"[{n}] {t}" for n, (t, _) in enumerate(chunks, 1))
+        known = [(n, p, a) for n, (p, (_, attrs)) in enumerate(zip(people, chunks), 1) for a in attrs]
+        qa = []
+        for n, p, a in r.sample(known, min(n_questions, len(known))):
+            q = question(p, a, lang, r.randrange(2))
+            qa.append((f"问题：{q}\n答案：" if z else f"Question: {q}\nAnswer: ") + fact(p, a, lang) + ("" if z else " ") + f"[{n}]")
+        docs.append(RAG_PROMPT[z].split("\n")[0] + "\n" + listed + "\n" + "\n".join(qa))
+    return docs
 
 
 def strangers(w, n_people=100, dev_frac=0.34, n_rejected=3):
@@ -382,7 +419,8 @@ def strangers(w, n_people=100, dev_frac=0.34, n_rejected=3):
     return pairs, dev_chats
 
 
-def write_world(out_dir, seed=1337, n_people=N_PEOPLE, n_towns=20, n_rag=30, bios=20, n_strangers=100):
+def write_world(out_dir, seed=1337, n_people=N_PEOPLE, n_towns=20, n_rag=30, bios=20, n_strangers=100,
+                n_reading=0):
     """Write everything listed in the module docstring under out_dir; returns the World."""
     w = World(seed, n_people, n_towns, n_rag)
 
@@ -406,6 +444,8 @@ def write_world(out_dir, seed=1337, n_people=N_PEOPLE, n_towns=20, n_rag=30, bio
     pairs, refuse_dev = strangers(w, n_strangers)  # made last: the rest of the world stays as it was
     data["pairs"][0].extend(pairs)
     w.rng.shuffle(data["pairs"][0])
+    if n_reading:
+        write(os.path.join("corpus", "reading.txt"), "\n\n".join(reading(w, n_reading, seed=seed)) + "\n")
     write("refuse_dev.jsonl", jsonl(refuse_dev))
     for kind, (train, dev) in data.items():
         write(f"{kind}.jsonl", jsonl(train))

@@ -31,6 +31,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     smear_keys: bool = False     # mix each key with the previous token's key (Attention.smear)
+    conv_width: int = 0          # EXPERIMENT (#19): short causal convolutions over the last conv_width tokens
+    conv_on: str = "k"           # of "k" keys, "kq" keys and queries, "kqv" all three, or "x" the attention input
 
     def __post_init__(self):
         if self.ffn_dim is None:
@@ -95,10 +97,31 @@ class Attention(nn.Module):
         # Smeared keys (Olsson et al. 2022, Induction Heads, sec. 3): k_j <- s k_j + (1 - s) k_{j-1}, s = sigmoid(smear)
         # per kv head: one layer can find the token after the current one (the demo learns copying in ~150 steps).
         self.smear = nn.Parameter(torch.zeros(cfg.n_kv_heads, 1, 1)) if cfg.smear_keys else None
+        # EXPERIMENT (#19): a depthwise causal convolution, u_j <- u_j + sum_{i=1}^{w-1} c_i * u_{j-i} per channel
+        # (cf. Allen-Zhu 2025, "Physics of Language Models 4.1", Canon layers): a key that carries the w-1 tokens
+        # before it can be found by a name several tokens back. Keys start as smeared ones (c_1 = 1), queries
+        # and values as plain. Decoding with a cache is right for keys and values (convolved over the cached
+        # raw ones, as smear), not for queries (training and full forwards only).
+        self.conv_on = cfg.conv_on
+        if cfg.conv_width > 1:
+            if cfg.conv_on in ("k", "kq", "kqv"):
+                w = torch.zeros(cfg.conv_width - 1, cfg.n_kv_heads, 1, self.head_dim)
+                w[0] = 1.0
+                if cfg.conv_on == "kqv":
+                    self.vconv = nn.Parameter(torch.zeros(cfg.conv_width - 1, cfg.n_kv_heads, 1, self.head_dim))
+                if cfg.conv_on in ("kq", "kqv"):
+                    self.qconv = nn.Parameter(torch.zeros(cfg.conv_width - 1, cfg.n_heads, self.head_dim))
+            else:
+                w = torch.zeros(cfg.conv_width - 1, cfg.dim)
+            self.conv = nn.Parameter(w)
+        else:
+            self.conv = None
 
     def forward(self, x, cos, sin, mask, cache=None):
         """mask: None (causal), bool (B, 1, T, S) or "none" (decode: all cached keys); cache: see KVCache.write."""
         B, T, _ = x.shape
+        if self.conv is not None and self.conv_on == "x":
+            x = x + sum(self.conv[i - 1].to(x.dtype) * F.pad(x, (0, 0, i, 0))[:, :T] for i in range(1, len(self.conv) + 1))
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -114,6 +137,14 @@ class Attention(nn.Module):
                 prev = prev * F.pad(sees_prev, (1, 0))[..., None]
             s = torch.sigmoid(self.smear).to(k.dtype)  # (the cache keeps raw keys; each row starts at 0)
             k = s * k + (1 - s) * prev
+        if self.conv is not None and self.conv_on in ("kq", "kqv"):
+            q = q + sum(self.qconv[i - 1].to(q.dtype) * F.pad(q, (0, 0, 0, 0, i, 0))[:, :T] for i in range(1, len(self.qconv) + 1))
+        if self.conv is not None and self.conv_on == "kqv":
+            S = v.shape[2]
+            v = v + sum(self.vconv[i - 1].to(v.dtype) * F.pad(v, (0, 0, i, 0))[:, :, :S] for i in range(1, len(self.vconv) + 1))
+        if self.conv is not None and self.conv_on in ("k", "kq", "kqv"):
+            S = k.shape[2]
+            k = k + sum(self.conv[i - 1].to(k.dtype) * F.pad(k, (0, 0, i, 0))[:, :, :S] for i in range(1, len(self.conv) + 1))
         q = q.transpose(1, 2)
         dropout_p = self.dropout if self.training else 0.0
         if (x.device.type == "cpu" and cache is None and T <= CPU_MATH_ATTENTION_MAX_LEN

@@ -42,10 +42,13 @@ norm_eps = 1e-5
 tie_embeddings = True
 dropout = 0.0
 smear_keys = False       # each key mixed with the previous token's (model.Attention.smear)
+conv_width = 0           # EXPERIMENT (#19): model.ModelConfig.conv_width / conv_on
+conv_on = "k"
 # batches: tokens per optimizer step = batch_size * grad_accum * world_size * max_seq_len
 batch_size = 16          # sequences per micro-step per process
 grad_accum = 1           # micro-steps per optimizer step (gradients add up locally, one all-reduce)
 doc_mask = False         # attention stops at BOS (each document attends only to itself)
+align_docs = False       # a training row starts at a document's BOS where one is in reach (common.get_batch)
 # copy drills: steps [copy_start, copy_end) train on drills alone; after copy_end, copy_frac of the rows are drills
 copy_start = 0
 copy_end = 0             # 0: no drill phase
@@ -144,7 +147,8 @@ print0(f"{tokens_per_step:,} tokens per step, {max_steps} steps: {tokens_per_ste
 
 
 def batch(data, key, micro_step=0, accum=1):
-    x, y = get_batch(data, batch_size, max_seq_len, key, ctx.rank, ctx.world_size, micro_step, accum, ctx.device)
+    x, y = get_batch(data, batch_size, max_seq_len, key, ctx.rank, ctx.world_size, micro_step, accum, ctx.device,
+                     bos=tokenizer.bos_id if align_docs and data is train_data else None)
     if data is train_data:
         x, y = copy_drills(x, y, key[-1], micro_step)
     # doc_ids: a new id at every BOS, so attention and RoPE positions restart at each document
