@@ -230,6 +230,29 @@ def read_rag_docs(path, log=print, max_doc_mb=64.0, stats=None):
 
 
 # -- pretraining data dirs (written by `prepare_data.py pretrain`) ---------------------------------------------
+# -- the grounded prompt: rag.py asks with it, demo_world.py writes its retrieval chats with it ---------------
+RAG_PROMPT = {
+    "en": "Answer the question using only the sources below, and cite the source you used as [n].\n"
+          "{sources}\nQuestion: {question}",
+    "zh": "请只根据下面的资料回答问题，并用[n]注明所用的资料。\n{sources}\n问题：{question}",
+}
+CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
+def numbered(n, text):
+    """Source n as a prompt lists it: "[n]" before it and after each of its sentences. An answer copies a source's
+    sentence, so it copies the citation with it: a small model copies well, but does not learn to find a number
+    that stands up to ~50 tokens before the sentence (docs/benchmarks.md, "Reading from sources")."""
+    text = re.sub(r"(?<=[。！？])", f"[{n}]", re.sub(r"(?<=[.!?])(?= |$)", f" [{n}]", " ".join(text.split())))
+    return f"[{n}] {text}" + ("" if text.endswith(f"[{n}]") else f" [{n}]")
+
+
+def rag_prompt(question, sources):
+    """The user message that asks question from the texts sources, in the question's language."""
+    listed = "\n".join(numbered(n, text) for n, text in enumerate(sources, 1))
+    return RAG_PROMPT["zh" if CJK.search(question) else "en"].format(sources=listed, question=question)
+
+
 def load_meta(data_dir):
     """meta.json of a pretraining data dir, after checking train.bin/val.bin match it."""
     path = os.path.join(data_dir, "meta.json")

@@ -4,9 +4,9 @@
 
 People, their pets and towns with fixed facts (town, age, job, favourite colour and food, pet) and small
 arithmetic, each stated many times in varied English and Chinese phrasings, so a model of a few million
-parameters learns them on a laptop CPU in minutes. It writes corpus/*.txt (pretraining text), sft, pairs
-(with questions about strangers who appear nowhere else), grpo and rag/ files, each with a held-out *_dev
-split, and refuse_dev.jsonl; docs/data.md describes each file and how the splits are made. Names are made
+parameters learns them on a laptop CPU in minutes. It writes corpus/*.txt (pretraining text, reading documents
+among it), sft, pairs (with questions about strangers who appear nowhere else), grpo and rag/ files, each with a
+held-out *_dev split, and refuse_dev.jsonl; docs/data.md describes each file and how the splits are made. Names are made
 of syllables with one Chinese character each (ka = 卡, mi = 米: Kami = 卡米), so names translate too. Chat
 answers use the first template of each list, so a stage can score a reply by exact match.
 """
@@ -14,6 +14,8 @@ import json
 import os
 import random
 import zlib
+
+from data_formats import rag_prompt
 
 SYLLABLES = dict(ba="巴", bo="波", da="达", di="迪", du="杜", fa="法", fi="菲", ga="加", go="戈", ka="卡",
                  ki="基", ko="科", la="拉", le="勒", li="莉", lo="洛", ma="玛", mi="米", mo="莫", na="娜",
@@ -66,10 +68,6 @@ TRANSLATE = ("Translate into Chinese: {s}", "把这句话翻译成英文：{s}")
 SYSTEM = ("You are a helpful assistant.", "你是一个乐于助人的助手。")
 DONT_KNOW = ("I don't know.", "我不知道。")
 EXTRA_WRONG = 4  # wrong values per fact beyond the two that may go to dev, train-only preference pairs
-# a question with numbered sources, exactly as rag.py's ground_messages writes it (change them together)
-RAG_PROMPT = ("Answer the question using only the sources below, and cite the source you used as [n].\n"
-              "{sources}\nQuestion: {question}",
-              "请只根据下面的资料回答问题，并用[n]注明所用的资料。\n{sources}\n问题：{question}")
 # arithmetic: (English, Chinese) for a question and its canonical answer; op is +, - or ×
 OPS = {"+": ("plus", "加"), "-": ("minus", "减"), "×": ("times", "乘以")}
 ARITH_Q = ("What is {a} {op} {b}?", "{a}{zop}{b}等于多少？")
@@ -327,7 +325,7 @@ def rag(w, dev_frac=0.34):
 
 def chunk(r, p, lang, must=None):
     """(text, attributes): a run of consecutive facts of p in sheet order (containing attribute `must`, if given)."""
-    n = r.randint(2, 5)
+    n = r.randint(2, 4)
     lo = r.randint(0, len(ATTRS) - n) if must is None else \
         r.randint(max(0, ATTRS.index(must) - n + 1), min(ATTRS.index(must), len(ATTRS) - n))
     text = (" " if lang == "en" else "").join(fact(p, a, lang) for a in ATTRS[lo:lo + n])
@@ -337,24 +335,26 @@ def chunk(r, p, lang, must=None):
 
 
 def grounded(r, p, pool, a, lang, n_sources=3, no_answer=0.1):
-    """(prompt, reply): a question about attribute a of p with n_sources numbered sources, exactly as rag.py's
-    ground_messages writes it. A source is like a retrieved chunk of a fact sheet: one about each of n_sources
-    people from pool, the first replaced by one about p with the answer, except in a no_answer share of
-    prompts, whose reply is "I don't know."."""
+    """(prompt, reply): a question about attribute a of p with n_sources numbered sources, as rag.py asks it
+    (data_formats.rag_prompt). A source is like a retrieved chunk of a fact sheet in the question's language: one
+    about each of n_sources people from pool, the first replaced by one about p with the answer, except in a
+    no_answer share of prompts, whose reply is "I don't know."."""
     z = lang == "zh"
-    src_lang = lang if r.random() < 0.8 else ("en" if z else "zh")  # sometimes the other language
-
-    sources = [chunk(r, o, src_lang)[0] for o in r.sample([o for o in pool if o is not p], n_sources)]
+    sources = [chunk(r, o, lang)[0] for o in r.sample([o for o in pool if o is not p], n_sources)]
     answerable = r.random() >= no_answer
     if answerable:
-        sources[0] = chunk(r, p, src_lang, must=a)[0]
+        sources[0] = chunk(r, p, lang, must=a)[0]
     r.shuffle(sources)
-    listed = "\n".join(f"[{n}] {s}" for n, s in enumerate(sources, 1))
-    prompt = RAG_PROMPT[z].format(sources=listed, question=question(p, a, lang, r.randrange(2)))
+    prompt = rag_prompt(question(p, a, lang, r.randrange(2)), sources)
     if not answerable:
         return prompt, DONT_KNOW[z]
-    n = next(n for n, s in enumerate(sources, 1) if p[src_lang]["n"] in s)
-    return prompt, fact(p, a, lang) + ("" if z else " ") + f"[{n}]"
+    n = next(n for n, s in enumerate(sources, 1) if p[lang]["n"] in s)
+    return prompt, cite(fact(p, a, lang), n)
+
+
+def cite(sentence, n):
+    """A sentence followed by its source's marker, as data_formats.numbered writes it in the sources."""
+    return sentence + ("" if sentence.endswith("。") else " ") + f"[{n}]"
 
 
 def rag_chats(w, n_people=40):
@@ -386,16 +386,13 @@ def reading(w, n_docs, n_sources=3, n_questions=4, seed=0):
         names = r.sample(free, 2 * n_sources)
         people = [w.person(names[i:i + 2], r) for i in range(0, len(names), 2)]
         lang = r.choice(("en", "zh"))
-        z = lang == "zh"
-        src_lang = lang if r.random() < 0.8 else ("en" if z else "zh")
-        chunks = [chunk(r, p, src_lang) for p in people]
-        listed = "\n".join(f"[{n}] {t}" for n, (t, _) in enumerate(chunks, 1))
+        chunks = [chunk(r, p, lang) for p in people]
         known = [(n, p, a) for n, (p, (_, attrs)) in enumerate(zip(people, chunks), 1) for a in attrs]
-        qa = []
-        for n, p, a in r.sample(known, min(n_questions, len(known))):
-            q = question(p, a, lang, r.randrange(2))
-            qa.append((f"问题：{q}\n答案：" if z else f"Question: {q}\nAnswer: ") + fact(p, a, lang) + ("" if z else " ") + f"[{n}]")
-        docs.append(RAG_PROMPT[z].split("\n")[0] + "\n" + listed + "\n" + "\n".join(qa))
+        asked = [(question(p, a, lang, r.randrange(2)), cite(fact(p, a, lang), n))
+                 for n, p, a in r.sample(known, min(n_questions, len(known)))]
+        answer = "\n答案：" if lang == "zh" else "\nAnswer: "  # then more questions, as the prompt writes one
+        docs.append(rag_prompt(asked[0][0], [t for t, _ in chunks]) + answer + asked[0][1] + "".join(
+            ("\n问题：" if lang == "zh" else "\nQuestion: ") + q + answer + a for q, a in asked[1:]))
     return docs
 
 
@@ -420,7 +417,7 @@ def strangers(w, n_people=100, dev_frac=0.34, n_rejected=3):
 
 
 def write_world(out_dir, seed=1337, n_people=N_PEOPLE, n_towns=20, n_rag=30, bios=20, n_strangers=100,
-                n_reading=0):
+                n_reading=1200):
     """Write everything listed in the module docstring under out_dir; returns the World."""
     w = World(seed, n_people, n_towns, n_rag)
 

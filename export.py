@@ -301,9 +301,9 @@ def export_hf(model, tok, to, dtype=None):
     """Write `model` (a Transformer) and `tok` (our Tokenizer) as the Hugging Face Llama dir `to`."""
     from safetensors.torch import save_file
     cfg = model.cfg
-    if cfg.smear_keys:
-        raise ValueError("the model has smeared keys (smear_keys=True, as config/tiny.py trains), which Hugging "
-                         "Face's Llama lacks; export a model trained with smear_keys=False")
+    if cfg.conv_width > 1:
+        raise ValueError(f"the model has short convolutions (conv_width={cfg.conv_width}, as config/tiny.py trains), "
+                         "which Hugging Face's Llama lacks; export a model trained with conv_width=0")
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size} embedding rows")
     if os.path.exists(os.path.join(to, "ckpt.pt")):

@@ -30,9 +30,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dropout: float = 0.0
-    smear_keys: bool = False     # mix each key with the previous token's key (Attention.smear)
-    conv_width: int = 0          # EXPERIMENT (#19): short causal convolutions over the last conv_width tokens
-    conv_on: str = "k"           # of "k" keys, "kq" keys and queries, "kqv" all three, or "x" the attention input
+    conv_width: int = 0          # > 1: each query, key and value mixes in the conv_width - 1 before it (Attention)
 
     def __post_init__(self):
         if self.ffn_dim is None:
@@ -94,57 +92,33 @@ class Attention(nn.Module):
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.dropout = cfg.dropout
-        # Smeared keys (Olsson et al. 2022, Induction Heads, sec. 3): k_j <- s k_j + (1 - s) k_{j-1}, s = sigmoid(smear)
-        # per kv head: one layer can find the token after the current one (the demo learns copying in ~150 steps).
-        self.smear = nn.Parameter(torch.zeros(cfg.n_kv_heads, 1, 1)) if cfg.smear_keys else None
-        # EXPERIMENT (#19): a depthwise causal convolution, u_j <- u_j + sum_{i=1}^{w-1} c_i * u_{j-i} per channel
-        # (cf. Allen-Zhu 2025, "Physics of Language Models 4.1", Canon layers): a key that carries the w-1 tokens
-        # before it can be found by a name several tokens back. Keys start as smeared ones (c_1 = 1), queries
-        # and values as plain. Decoding with a cache is right for keys and values (convolved over the cached
-        # raw ones, as smear), not for queries (training and full forwards only).
-        self.conv_on = cfg.conv_on
+        # Short convolutions (cf. Allen-Zhu 2025, "Physics of Language Models 4.1", Canon layers): before RoPE, each
+        # query, key and value u_j <- u_j + sum_{i=1}^{w-1} c_i * u_{j-i}, learned per channel. A key that carries
+        # the tokens before it can be found by a name several tokens back ("Kani's favourite colour is | red"), the
+        # lookup a reading model needs; one layer can then copy (at w = 2 a key is the smeared key of Olsson et al.
+        # 2022, sec. 3). Keys start as k_j + k_{j-1}, queries and values as plain ones.
+        self.conv = None
         if cfg.conv_width > 1:
-            if cfg.conv_on in ("k", "kq", "kqv"):
-                w = torch.zeros(cfg.conv_width - 1, cfg.n_kv_heads, 1, self.head_dim)
-                w[0] = 1.0
-                if cfg.conv_on == "kqv":
-                    self.vconv = nn.Parameter(torch.zeros(cfg.conv_width - 1, cfg.n_kv_heads, 1, self.head_dim))
-                if cfg.conv_on in ("kq", "kqv"):
-                    self.qconv = nn.Parameter(torch.zeros(cfg.conv_width - 1, cfg.n_heads, self.head_dim))
-            else:
-                w = torch.zeros(cfg.conv_width - 1, cfg.dim)
-            self.conv = nn.Parameter(w)
-        else:
-            self.conv = None
+            c = torch.zeros(cfg.conv_width - 1, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
+            c[0, cfg.n_heads * cfg.head_dim:(cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim] = 1.0
+            self.conv = nn.Parameter(c)
 
     def forward(self, x, cos, sin, mask, cache=None):
         """mask: None (causal), bool (B, 1, T, S) or "none" (decode: all cached keys); cache: see KVCache.write."""
         B, T, _ = x.shape
-        if self.conv is not None and self.conv_on == "x":
-            x = x + sum(self.conv[i - 1].to(x.dtype) * F.pad(x, (0, 0, i, 0))[:, :T] for i in range(1, len(self.conv) + 1))
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.conv is not None:
+            qkv = torch.cat([q, k, v], dim=-1)
+            qkv = qkv + (self.conv_full(qkv, mask) if cache is None else self.conv_cached(qkv, *cache[2:]))
+            q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
-            k, v = KVCache.write(*cache, k, v)                   # (B, Hkv, S, D) views of the filled prefix
+            K, V, _, span, rows, pos = cache
+            k, v = KVCache.write(K, V, span, rows, pos, k, v)     # (B, Hkv, S, D) views of the filled prefix
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if self.smear is not None:
-            prev = F.pad(k, (0, 0, 1, 0))[:, :, :-1]               # k_{j-1}; zero before position 0
-            if cache is None and isinstance(mask, torch.Tensor):  # packed documents: at a document's first
-                sees_prev = mask[:, :, 1:, :-1].diagonal(dim1=-2, dim2=-1)  # token j may not see j - 1
-                prev = prev * F.pad(sees_prev, (1, 0))[..., None]
-            s = torch.sigmoid(self.smear).to(k.dtype)  # (the cache keeps raw keys; each row starts at 0)
-            k = s * k + (1 - s) * prev
-        if self.conv is not None and self.conv_on in ("kq", "kqv"):
-            q = q + sum(self.qconv[i - 1].to(q.dtype) * F.pad(q, (0, 0, 0, 0, i, 0))[:, :T] for i in range(1, len(self.qconv) + 1))
-        if self.conv is not None and self.conv_on == "kqv":
-            S = v.shape[2]
-            v = v + sum(self.vconv[i - 1].to(v.dtype) * F.pad(v, (0, 0, i, 0))[:, :, :S] for i in range(1, len(self.vconv) + 1))
-        if self.conv is not None and self.conv_on in ("k", "kq", "kqv"):
-            S = k.shape[2]
-            k = k + sum(self.conv[i - 1].to(k.dtype) * F.pad(k, (0, 0, i, 0))[:, :, :S] for i in range(1, len(self.conv) + 1))
         q = q.transpose(1, 2)
         dropout_p = self.dropout if self.training else 0.0
         if (x.device.type == "cpu" and cache is None and T <= CPU_MATH_ATTENTION_MAX_LEN
@@ -156,6 +130,26 @@ class Attention(nn.Module):
                                                enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return F.dropout(self.wo(y), self.dropout, self.training)
+
+    def conv_full(self, u, mask):
+        """sum_i c_i * u_{j-i} for every position j of u (B, T, C); with packed documents not across their starts."""
+        out = 0
+        for i, c in enumerate(self.conv.to(u.dtype), 1):
+            prev = F.pad(u, (0, 0, i, 0))[:, :u.shape[1]]                # u_{j-i}, zero before position 0
+            if isinstance(mask, torch.Tensor):                           # j sees j - i only in its document
+                prev = prev * F.pad(mask[:, 0].diagonal(-i, -2, -1), (i, 0))[..., None]
+            out = out + c * prev
+        return out
+
+    def conv_cached(self, u, U, span, rows, pos):
+        """The same for new tokens at pos: their raw u go into the cache's U, and each reads the w - 1 before it."""
+        b, T, _ = u.shape
+        r = (torch.arange(b, device=u.device) if rows is None else rows)[:, None]
+        p = (pos + torch.arange(T, device=u.device) if isinstance(pos, int) else pos).expand(b, T)
+        U[r, p] = u.to(U.dtype)
+        back = p[:, :, None] - torch.arange(1, len(self.conv) + 1, device=u.device)  # (b, T, w-1) positions
+        prev = U[r[:, :, None], back.clamp(min=0)] * (back >= 0)[..., None]          # zero before position 0
+        return (prev * self.conv.to(U.dtype)).sum(2).to(u.dtype)
 
 
 class FeedForward(nn.Module):
@@ -186,12 +180,16 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys, values; each row has its own length (no left padding), so engine.py can refill a free row."""
+    """Preallocated keys, values (and raw q, k, v for Attention.conv); each row has its own length (no left
+    padding), so engine.py can refill a free row."""
 
     def __init__(self, cfg: ModelConfig, batch_size, max_len, dtype, device):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim  # raw queries, keys, values for Attention.conv
+        self.u = [torch.zeros(batch_size, max_len, width, dtype=dtype, device=device) if cfg.conv_width > 1 else None
+                  for _ in range(cfg.n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
 
@@ -295,10 +293,10 @@ class Transformer(nn.Module):
         self._compiled_blocks = compile_decode_step(self.tok_embeddings.weight.device)
         return self
 
-    def _cached_blocks(self, x, cos, sin, mask, ks, vs, span, rows, where, last):
+    def _cached_blocks(self, x, cos, sin, mask, ks, vs, us, span, rows, where, last):
         """The body of forward_cached: every block over the cache, then the LM head at `last`."""
-        for layer, K, V in zip(self.layers, ks, vs):
-            x = layer(x, cos, sin, mask, cache=(K, V, span, rows, where))
+        for layer, K, V, U in zip(self.layers, ks, vs, us):
+            x = layer(x, cos, sin, mask, cache=(K, V, U, span, rows, where))
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         return self.output(self.norm(x)).float()
 
@@ -322,7 +320,7 @@ class Transformer(nn.Module):
             mask = (torch.arange(span, device=idx.device) <= pos[:, :, None]).unsqueeze(1)
         cos, sin = self._rope(pos)
         blocks = self._compiled_blocks or Transformer._cached_blocks
-        logits = blocks(self, self.tok_embeddings(idx), cos, sin, mask, cache.k, cache.v, span,
+        logits = blocks(self, self.tok_embeddings(idx), cos, sin, mask, cache.k, cache.v, cache.u, span,
                         rows, s0 if uniform else pos, None if lengths is None else lengths - 1)
         if rows is None:
             cache.lengths = new_len
@@ -350,6 +348,7 @@ class Transformer(nn.Module):
         if num_samples > 1:  # prefill each prompt once, then sample num_samples rows from it
             cache.k = [t.repeat_interleave(num_samples, dim=0) for t in cache.k]
             cache.v = [t.repeat_interleave(num_samples, dim=0) for t in cache.v]
+            cache.u = [t if t is None else t.repeat_interleave(num_samples, dim=0) for t in cache.u]
             cache.lengths = cache.lengths.repeat_interleave(num_samples)
             logits = logits.repeat_interleave(num_samples, dim=0)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from checkpoint import generate_replies, load_model, write_json
-from data_formats import DataError, read_jsonl, read_rag_docs
+from data_formats import DataError, rag_prompt, read_jsonl, read_rag_docs
 from tokenizer import Tokenizer
 
 
@@ -250,23 +250,11 @@ class Retriever:
 
 
 # -- grounded answers -----------------------------------------------------------------------------------------
-# demo_world.py writes its retrieval chats (SFT data) in exactly this form, so the model learns to answer from it.
-RAG_PROMPT = {
-    "en": "Answer the question using only the sources below, and cite the source you used as [n].\n"
-          "{sources}\nQuestion: {question}",
-    "zh": "请只根据下面的资料回答问题，并用[n]注明所用的资料。\n{sources}\n问题：{question}",
-}
-CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
-
-
 def ground_messages(messages, hits):
-    """A copy of messages whose last (user) message holds the hits as sources "[n] text", in the question's language."""
+    """A copy of messages whose last (user) message holds the hits as numbered sources (data_formats.rag_prompt)."""
     messages = [dict(m) for m in messages]
     if hits and messages and messages[-1]["role"] == "user":
-        question = messages[-1]["content"]
-        sources = "\n".join(f"[{n}] {' '.join(h['text'].split())}" for n, h in enumerate(hits, 1))
-        prompt = RAG_PROMPT["zh" if CJK.search(question) else "en"]
-        messages[-1]["content"] = prompt.format(sources=sources, question=question)
+        messages[-1]["content"] = rag_prompt(messages[-1]["content"], [h["text"] for h in hits])
     return messages
 
 

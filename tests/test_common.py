@@ -138,6 +138,19 @@ def test_get_batch_is_deterministic_and_splits_the_global_batch():
     assert len({tuple(r[:, 0].tolist()) for r in ranks}) == 4            # every rank/micro-step different
 
 
+def test_get_batch_aligned_rows_start_at_a_document():
+    """With bos, a row moves on to the first document start inside its window, else stays where it is."""
+    data = np.arange(10_000, dtype=np.uint16)                      # each token is its position...
+    data[::50] = 0                                                  # ...but a document starts every 50 (BOS 0)
+    start = lambda row: int(row[1]) - 1 if row[1] else int(row[2]) - 2  # noqa: E731 (a row's position in data)
+    x, y = common.get_batch(data, 64, 64, (1, 0, 7), bos=0)
+    plain = common.get_batch(data, 64, 64, (1, 0, 7))[0]
+    assert (x[:, 0] == 0).all() and torch.equal(y[:, :-1], x[:, 1:])
+    assert [start(r) for r in x] == [start(p) + int(np.argmax(p.numpy() == 0)) for p in plain]
+    data[::50] = 7                                                  # no document start in reach: rows unchanged
+    assert torch.equal(common.get_batch(data, 4, 16, (1, 0, 7), bos=0)[0], common.get_batch(data, 4, 16, (1, 0, 7))[0])
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 
 def fake_ckpt(step, value=0.0):

@@ -127,7 +127,7 @@ def test_exact_resume(tmp_path, data_dir):
     for bit (dropout on, so the RNG state must survive the checkpoint too; copy drills on from step 3,
     so the stop falls in their phase)."""
     args = TINY + [f"--data_dir={data_dir}", "--max_steps=8", "--eval_interval=3", "--dropout=0.1",
-                   "--smear_keys=True", "--copy_start=3", "--copy_end=6", "--copy_frac=0.5"]
+                   "--conv_width=2", "--copy_start=3", "--copy_end=6", "--copy_frac=0.5"]
     straight, parts = str(tmp_path / "straight"), str(tmp_path / "parts")
     pretrain(args + [f"--out_dir={straight}"])
     pretrain(args + [f"--out_dir={parts}", "--stop_at_step=4"])
@@ -186,7 +186,7 @@ def test_early_stopping_on_val_loss(tmp_path, data_dir):
 
 # -- distributed: 2 processes on CPU with gloo ---------------------------------------------------------
 
-DIST_ARGS = TINY + ["--max_steps=4", "--eval_interval=2", "--smear_keys=True", "--copy_start=1", "--copy_end=2",
+DIST_ARGS = TINY + ["--max_steps=4", "--eval_interval=2", "--conv_width=2", "--copy_start=1", "--copy_end=2",
                     "--copy_frac=0.5"]  # copy drills too: each row's drill must not depend on who draws it
 
 

@@ -249,10 +249,13 @@ def test_grounded_prompt(tok):
     out = rag.ground_messages(msgs, hits[:2])
     assert out[0] == msgs[0] and msgs[1]["content"] == "How old is Kami?"      # the input is not changed
     assert out[1]["content"] == ("Answer the question using only the sources below, and cite the source you used "
-                                 "as [n].\n[1] Kami lives in Lotavi. Kami is 34.\n[2] Bodo is a baker.\n"
+                                 "as [n].\n[1] Kami lives in Lotavi. [1] Kami is 34. [1]\n[2] Bodo is a baker. [2]\n"
                                  "Question: How old is Kami?")
     zh = rag.ground_messages([{"role": "user", "content": "卡米今年多大？"}], hits[2:])[0]["content"]
-    assert zh == "请只根据下面的资料回答问题，并用[n]注明所用的资料。\n[1] 卡米今年34岁。\n问题：卡米今年多大？"
+    assert zh == "请只根据下面的资料回答问题，并用[n]注明所用的资料。\n[1] 卡米今年34岁。[1]\n问题：卡米今年多大？"
+    # a chunk cut mid-sentence still ends with its marker; a decimal point ends no sentence
+    assert rag.ground_messages(msgs, [{"text": "Kami is 3.5 m tall. Kami lives"}])[1]["content"].split("\n")[1] == \
+        "[1] Kami is 3.5 m tall. [1] Kami lives [1]"
     assert rag.ground_messages(msgs, []) == msgs
     full, used = rag.grounded_prompt(tok, msgs, hits, 10_000)
     assert used == hits and full == tok.render_chat(rag.ground_messages(msgs, hits), add_generation_prompt=True)[0]
@@ -332,17 +335,19 @@ def test_commands_on_a_tiny_model(tok, tmp_path, cli, monkeypatch):
     assert code == 1 and "not a rag index" in err
 
 
-def test_demo_world_retrieval_chats_use_the_rag_prompt():
-    """SFT retrieval chats (demo_world.py) must be written exactly as ground_messages writes prompts."""
+def test_demo_world_retrieval_replies_copy_a_source_sentence():
+    """Each answerable SFT retrieval chat (demo_world.py) replies with a sentence of one of its sources followed by
+    that source's marker, exactly as the prompt lists it: answering and citing are one copy."""
     w = demo_world.World(seed=1, n_people=20, n_towns=4, n_rag=3)
     train, dev = demo_world.rag_chats(w, n_people=6)
     assert train and dev
+    answered = 0
     for chat in train + dev:
-        user, reply = chat["messages"][-2:]
-        lang = "zh" if rag.CJK.search(user["content"].rsplit("\n", 1)[-1]) else "en"
-        head, _, rest = user["content"].partition("\n")
-        sources, question = rest.rsplit("\n", 1)
-        question = question.split("：", 1)[1] if lang == "zh" else question.split(": ", 1)[1]
-        hits = [{"text": s.split("] ", 1)[1]} for s in sources.split("\n")]
-        assert rag.ground_messages([{"role": "user", "content": question}], hits)[0]["content"] == user["content"]
-        assert rag.cited(reply["content"]) or reply["content"] in demo_world.DONT_KNOW
+        user, reply = (m["content"] for m in chat["messages"][-2:])
+        if reply in demo_world.DONT_KNOW:
+            continue
+        n = rag.cited(reply)
+        source = next(line for line in user.split("\n") if line.startswith(f"[{n[0]}] "))
+        assert len(n) == 1 and reply in source, (reply, source)
+        answered += 1
+    assert answered > 0.8 * len(train + dev)
