@@ -13,6 +13,7 @@ import pytest
 
 import rag
 import serve
+from data_formats import numbered
 from test_serve import ROOT, Live, greedy, make_run_dir
 from tokenizer import Tokenizer
 
@@ -84,7 +85,7 @@ def test_chat_answer_is_grounded_and_returns_sources(live, question, top):
     assert src == rag.source_list(used)
     # the model saw the numbered chunks: its prompt holds "[1] <top chunk>", and the answer and the
     # token count are those of the grounded prompt, longer than the bare question's
-    assert live.prompts == [live.tok.decode(ids)] and f"[1] {' '.join(src[0]['text'].split())}\n[2] " in live.prompts[0]
+    assert live.prompts == [live.tok.decode(ids)] and f"{numbered(1, src[0]['text'])}\n[2] " in live.prompts[0]
     assert r["choices"][0]["message"]["content"] == want
     plain = serve.chat_prompt(live.tok, [{"role": "user", "content": question}])
     assert r["usage"]["prompt_tokens"] == len(ids) > len(plain) + 10
