@@ -269,9 +269,8 @@ def get_batch(data, batch_size, seq_len, key, rank=0, world_size=1, micro_step=0
               bos=None):
     """(x, y) int64 windows of a token array, y = x shifted by one. key seeds the step's global batch; rank
     r's micro-step m takes its rows from (m * world_size + r) * batch_size: a resume reads the same. With bos,
-    a window moves on to the first document start (bos) inside it, if any: a question then sits in the same
-    row as the passage before it, where a random cut would often separate them (cf. nanochat's BOS-aligned
-    rows; Zhao et al. 2024, "Analysing the Impact of Sequence Composition on Language Model Pre-Training")."""
+    a window moves on to the first document start inside it, if any, so a question shares its row with the
+    passage before it (cf. nanochat's BOS-aligned rows; Zhao et al. 2024, "Analysing the Impact of Sequence...")."""
     n_rows = world_size * grad_accum * batch_size
     if len(data) <= seq_len + 1:
         raise ValueError(f"{len(data)} tokens are too few for windows of seq_len={seq_len}")
@@ -280,8 +279,9 @@ def get_batch(data, batch_size, seq_len, key, rank=0, world_size=1, micro_step=0
     row0 = (micro_step * world_size + rank) * batch_size
     starts = starts[row0:row0 + batch_size]
     if bos is not None:
-        starts = [min(last, s + int(np.argmax(w == bos))) if (w := data[s:s + seq_len]).size and (w == bos).any() else s
-                  for s in starts]
+        for i, s in enumerate(starts):
+            hit = np.flatnonzero(data[s:s + seq_len] == bos)
+            starts[i] = min(last, s + int(hit[0])) if hit.size else s
     xy = torch.from_numpy(np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64))
     xy = xy.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else xy.to(device)
     return xy[:, :-1], xy[:, 1:]

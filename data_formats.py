@@ -229,7 +229,6 @@ def read_rag_docs(path, log=print, max_doc_mb=64.0, stats=None):
     return [{"id": k, "text": v} for k, v in docs.items()]
 
 
-# -- pretraining data dirs (written by `prepare_data.py pretrain`) ---------------------------------------------
 # -- the grounded prompt: rag.py asks with it, demo_world.py writes its retrieval chats with it ---------------
 RAG_PROMPT = {
     "en": "Answer the question using only the sources below, and cite the source you used as [n].\n"
@@ -253,6 +252,7 @@ def rag_prompt(question, sources):
     return RAG_PROMPT["zh" if CJK.search(question) else "en"].format(sources=listed, question=question)
 
 
+# -- pretraining data dirs (written by `prepare_data.py pretrain`) ---------------------------------------------
 def load_meta(data_dir):
     """meta.json of a pretraining data dir, after checking train.bin/val.bin match it."""
     path = os.path.join(data_dir, "meta.json")

@@ -5,10 +5,10 @@
 People, their pets and towns with fixed facts (town, age, job, favourite colour and food, pet) and small
 arithmetic, each stated many times in varied English and Chinese phrasings, so a model of a few million
 parameters learns them on a laptop CPU in minutes. It writes corpus/*.txt (pretraining text, reading documents
-among it), sft, pairs (with questions about strangers who appear nowhere else), grpo and rag/ files, each with a
-held-out *_dev split, and refuse_dev.jsonl; docs/data.md describes each file and how the splits are made. Names are made
-of syllables with one Chinese character each (ka = 卡, mi = 米: Kami = 卡米), so names translate too. Chat
-answers use the first template of each list, so a stage can score a reply by exact match.
+among it), sft, pairs (with questions about strangers who appear nowhere else), grpo and rag/ files, each with
+a held-out *_dev split, and refuse_dev.jsonl; docs/data.md describes each file and how the splits are made.
+Names are made of syllables with one Chinese character each (ka = 卡, mi = 米: Kami = 卡米), so names translate
+too. Chat answers use the first template of each list, so a stage can score a reply by exact match.
 """
 import json
 import os

@@ -50,24 +50,6 @@ def test_cached_decode_equals_full_forward_with_conv():
             assert m(torch.tensor([o[:t]]))[0][0, -1].argmax().item() == o[t]
 
 
-def test_rows_join_a_running_batch_with_conv():
-    """engine.py's continuous batching: a prompt prefilled into a free row mid-decode decodes as it does alone."""
-    m = make_model(conv_width=4)
-    a, b = [5, 6, 7, 8, 9, 10], [40, 41, 42]
-    alone_b = [int(t) for t, _ in m.generate([b], 10, temperature=0)]
-    cache = m.new_cache(2, 64)
-    la = m.forward_cached(torch.tensor([a]), cache, rows=torch.tensor([0]))
-    for _ in range(4):
-        la = m.forward_cached(la.argmax(-1)[:, None], cache, rows=torch.tensor([0]))
-    lb = m.forward_cached(torch.tensor([b]), cache, rows=torch.tensor([1]))
-    logits, got = torch.cat([la, lb]), []
-    for _ in range(10):
-        nxt = logits.argmax(-1)
-        got.append(int(nxt[1]))
-        logits = m.forward_cached(nxt[:, None], cache)
-    assert got == alone_b
-
-
 def test_packed_documents_equal_separate_with_conv():
     """A document's first tokens mix in nothing from the document before it, packed or alone."""
     m = make_model(conv_width=4)

@@ -139,10 +139,11 @@ def test_batched_prompts_of_different_lengths_match_alone(kw):
         assert batched[i].tolist() == alone[0].tolist()
 
 
-def test_rows_join_a_running_batch():
+@pytest.mark.parametrize("kw", [{}, {"conv_width": 4}])
+def test_rows_join_a_running_batch(kw):
     """serve.py's continuous batching: a prompt prefilled into a free row mid-decode gives the same
-    greedy tokens as when it runs alone."""
-    m = make_model()
+    greedy tokens as when it runs alone (with the convolutions too: their raw q, k, v live in the cache)."""
+    m = make_model(**kw)
     a, b = [5, 6, 7, 8, 9, 10], [40, 41]
     alone_b = [int(t) for t, _ in m.generate([b], 10, temperature=0)]
     cache = m.new_cache(2, 64)
