@@ -53,7 +53,7 @@ lr_schedule = "cosine"   # cosine | wsd | sgdr | constant (common.get_lr)
 warmup_steps = 20
 max_steps = 300          # the demo world: ~2.5 passes over its chats
 dropout = 0.0            # replaces the pretrained model's
-eval_interval = 150      # dev loss, answer accuracy and a checkpoint every this many steps
+eval_interval = 300      # dev loss, answer accuracy and a checkpoint every this many steps (the demo: start, end)
 eval_answers = 0         # dev chats whose last reply is generated and scored (0: all)
 answer_tokens = 32       # at most this many tokens per reply (demo replies <= 19); the prompt keeps max_seq_len - this
 log_interval = 10

@@ -339,7 +339,7 @@ def test_demo_world_retrieval_replies_copy_a_source_sentence():
     """Each answerable SFT retrieval chat (demo_world.py) replies with a sentence of one of its sources followed by
     that source's marker, exactly as the prompt lists it: answering and citing are one copy."""
     w = demo_world.World(seed=1, n_people=20, n_towns=4, n_rag=3)
-    train, dev = demo_world.rag_chats(w, n_people=6)
+    train, dev = demo_world.rag_chats(w, n_people=6, n_dev=2)
     assert train and dev
     answered = 0
     for chat in train + dev:
