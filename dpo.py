@@ -67,7 +67,7 @@ self_play = 2            # > 0: this many replies sampled from the reference per
                          # become extra rejected replies where they differ from chosen (SPIN); 0: data only
 batch_size = 16          # pairs per micro-step per process
 grad_accum = 1
-lr = 5e-5                # the demo: refusals to held-out strangers +40 points, answers -7 (it declines some)
+lr = 5e-5                # the demo: refusals to held-out strangers +25 to +40 points, answers -5 to -7 (it declines some)
 min_lr = 5e-6
 weight_decay = 0.0
 beta1 = 0.9              # AdamW's betas (DPO's is `beta` above)
