@@ -359,8 +359,8 @@ def cite(sentence, n):
 
 def rag_chats(w, n_people=200, n_dev=8):
     """(train, dev) SFT chats that teach answering from numbered sources and citing [n] (grounded), about people
-    made here: the answer can only come from the sources. The last n_dev people are dev. 200 people, not 40:
-    right citations 34% -> 73% and grounded answers 31% -> 37% in `rag.py eval` (docs/benchmarks.md)."""
+    made here: the answer can only come from the sources. The last n_dev people are dev (200 people, not 40:
+    docs/benchmarks.md, "The retrieval chats")."""
     r, people = w.rng, [w.person() for _ in range(n_people)]
     out = ([], [])
     for i, p in enumerate(people):
