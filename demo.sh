@@ -42,7 +42,7 @@ stage sft      $PY sft.py --init_from="$OUT/pretrain" --out_dir="$OUT/sft" --dat
                  --dev_data="$DATA/sft_dev.jsonl" $SFT
 stage rm       $PY rm.py  --init_from="$OUT/sft" --out_dir="$OUT/rm" --data="$DATA/pairs.jsonl" \
                  --dev_data="$DATA/pairs_dev.jsonl" $RM
-stage dpo      $PY dpo.py --init_from="$OUT/sft" --out_dir="$OUT/dpo" --data="$DATA/pairs.jsonl" \
+stage dpo      $PY dpo.py --init_from="$OUT/sft" --out_dir="$OUT/dpo" --data="$DATA/pairs.jsonl,$DATA/pairs_grounded.jsonl" \
                  --dev_data="$DATA/pairs_dev.jsonl" --answer_data="$DATA/sft_dev.jsonl" \
                  --refusal_data="$DATA/refuse_dev.jsonl" $DPO
 stage grpo     $PY grpo.py $GRPO_CONFIG --init_from="$OUT/dpo" --out_dir="$OUT/grpo" --data="$DATA/grpo.jsonl" \

@@ -6,7 +6,8 @@ People, their pets and towns with fixed facts (town, age, job, favourite colour 
 arithmetic, each stated many times in varied English and Chinese phrasings, so a model of a few million
 parameters learns them on a laptop CPU in minutes. It writes corpus/*.txt (pretraining text, reading documents
 among it), sft, pairs (with questions about strangers who appear nowhere else), grpo and rag/ files, each with
-a held-out *_dev split, and refuse_dev.jsonl; docs/data.md describes each file and how the splits are made.
+a held-out *_dev split, refuse_dev.jsonl and pairs_grounded.jsonl; docs/data.md describes each file and how the
+splits are made.
 Names are made of syllables with one Chinese character each (ka = 卡, mi = 米: Kami = 卡米), so names translate
 too. Chat answers use the first template of each list, so a stage can score a reply by exact match.
 """
@@ -358,17 +359,21 @@ def cite(sentence, n):
 
 
 def rag_chats(w, n_people=200, n_dev=8):
-    """(train, dev) SFT chats that teach answering from numbered sources and citing [n] (grounded), about people
-    made here: the answer can only come from the sources. The last n_dev people are dev (200 people, not 40:
-    docs/benchmarks.md, "The retrieval chats")."""
+    """(train, dev, pairs): SFT chats that teach answering from numbered sources and citing [n] (grounded), about
+    people made here: the answer can only come from the sources. The last n_dev people are dev (200 people, not
+    40: docs/benchmarks.md, "The retrieval chats"). pairs, for DPO: on each train prompt whose sources hold the
+    answer, the cited answer chosen over "I don't know.", so that the strangers' pairs teach to abstain when
+    nothing says who someone is, not to stop reading about people the model has never seen."""
     r, people = w.rng, [w.person() for _ in range(n_people)]
-    out = ([], [])
+    out = ([], [], [])
     for i, p in enumerate(people):
         for a in ATTRS:
             for lang in ("en", "zh"):
                 prompt, reply = grounded(r, p, people, a, lang)
-                out[i >= n_people - n_dev].append(
-                    {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]})
+                dev, idk = i >= n_people - n_dev, DONT_KNOW[lang == "zh"]
+                out[dev].append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]})
+                if not dev and reply != idk:
+                    out[2].append({"prompt": prompt, "chosen": reply, "rejected": idk})
     return out
 
 
@@ -436,7 +441,8 @@ def write_world(out_dir, seed=1337, n_people=N_PEOPLE, n_towns=20, n_rag=30, bio
         write(os.path.join("corpus", name), "\n\n".join(docs) + "\n")
     data = chats(w)
     sheets, (qa, qa_dev) = rag(w)
-    for split, extra in zip(data["sft"], rag_chats(w)):  # retrieval chats go with the other chats
+    *retrieval, grounded_pairs = rag_chats(w)
+    for split, extra in zip(data["sft"], retrieval):  # retrieval chats go with the other chats
         split += extra
         w.rng.shuffle(split)
     pairs, refuse_dev = strangers(w, n_strangers)  # made last: the rest of the world stays as it was
@@ -445,6 +451,7 @@ def write_world(out_dir, seed=1337, n_people=N_PEOPLE, n_towns=20, n_rag=30, bio
     if n_reading:
         write(os.path.join("corpus", "reading.txt"), "\n\n".join(reading(w, n_reading, seed=seed)) + "\n")
     write("refuse_dev.jsonl", jsonl(refuse_dev))
+    write("pairs_grounded.jsonl", jsonl(grounded_pairs))  # DPO's alone: long prompts would slow the reward model
     for kind, (train, dev) in data.items():
         write(f"{kind}.jsonl", jsonl(train))
         write(f"{kind}_dev.jsonl", jsonl(dev))

@@ -54,7 +54,7 @@ from model import IGNORE_INDEX, Transformer
 # -----------------------------------------------------------------------------------------------
 # config
 init_from = "out/sft"    # the SFT run that gives both policy and reference, or 'resume' (continue out_dir)
-data = "data/demo/pairs.jsonl"
+data = "data/demo/pairs.jsonl"  # one file, or several separated by commas (the demo adds pairs_grounded.jsonl)
 dev_data = "data/demo/pairs_dev.jsonl"
 answer_data = "data/demo/sft_dev.jsonl"  # chats whose last reply is generated and scored ('' : skip)
 refusal_data = "data/demo/refuse_dev.jsonl"  # the same, for questions the model should decline ('' : skip)
@@ -179,7 +179,8 @@ def main():
         print0(f"policy and reference from {init_from} (step {ckpt['step']}), "
                f"{model.num_params() / 1e6:.2f}M parameters each")
 
-    train_pairs, dev_pairs = read_data("pairs", data, dev_data)
+    *parts, dev_pairs = read_data("pairs", *data.split(","), dev_data)
+    train_pairs = [p for part in parts for p in part]
     answer_paths = {key: path for key, path in (("answer_acc", answer_data), ("refusal_acc", refusal_data)) if path}
     chats = dict(zip(answer_paths, read_data("sft", *answer_paths.values())))
     if self_play:

@@ -51,9 +51,9 @@ beta2 = 0.95
 grad_clip = 1.0
 lr_schedule = "cosine"   # cosine | wsd | sgdr | constant (common.get_lr)
 warmup_steps = 20
-max_steps = 300          # the demo world: ~1.1 passes over its chats (3,919: 2,304 of them answer from sources)
+max_steps = 600          # the demo world: ~2.2 passes over its chats (3,919: 2,304 of them answer from sources)
 dropout = 0.0            # replaces the pretrained model's
-eval_interval = 300      # dev loss, answer accuracy and a checkpoint every this many steps (the demo: start, end)
+eval_interval = 600      # dev loss, answer accuracy and a checkpoint every this many steps (the demo: start, end)
 eval_answers = 0         # dev chats whose last reply is generated and scored (0: all)
 answer_tokens = 32       # at most this many tokens per reply (demo replies <= 19); the prompt keeps max_seq_len - this
 log_interval = 10

@@ -173,12 +173,13 @@ def test_trains_under_two_process_torchrun(tok, tmp_path):
     chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
              for r in rows[32:36]]
     refuse = [{"messages": [{"role": "user", "content": "Who is Zuzu?"}, {"role": "assistant", "content": "I don't know."}]}]
-    for name, part in (("pairs.jsonl", rows[:32] + rows[-2:]), ("dev.jsonl", rows[32:40]), ("chats.jsonl", chats),
-                       ("refuse.jsonl", refuse)):
+    for name, part in (("pairs.jsonl", rows[:16] + rows[-2:]), ("more.jsonl", rows[16:32]), ("dev.jsonl", rows[32:40]),
+                       ("chats.jsonl", chats), ("refuse.jsonl", refuse)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     out = tmp_path / "dpo"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "dpo.py"), f"--init_from={init}", f"--out_dir={out}", f"--data={tmp_path / 'pairs.jsonl'}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # two train files
+           os.path.join(ROOT, "dpo.py"), f"--init_from={init}", f"--out_dir={out}",
+           f"--data={tmp_path / 'pairs.jsonl'},{tmp_path / 'more.jsonl'}",
            f"--dev_data={tmp_path / 'dev.jsonl'}", f"--answer_data={tmp_path / 'chats.jsonl'}",
            f"--refusal_data={tmp_path / 'refuse.jsonl'}", "--device=cpu", "--dtype=float32", "--batch_size=3",
            "--max_steps=6", "--eval_interval=3", "--log_interval=1", "--lr=3e-3", "--warmup_steps=1", "--answer_tokens=8", "--rpo_alpha=0", "--self_play=2"]

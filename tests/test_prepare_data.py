@@ -353,12 +353,12 @@ def test_demo_world_deterministic_and_sound(tmp_path):
     a = world_files(tmp_path / "a")
     assert a == world_files(tmp_path / "b") and a != world_files(tmp_path / "c")
     assert {"corpus/people.txt", "sft.jsonl", "sft_dev.jsonl", "pairs.jsonl", "pairs_dev.jsonl", "grpo.jsonl",
-            "grpo_dev.jsonl", "rag/qa.jsonl", "rag/qa_dev.jsonl", "refuse_dev.jsonl"} <= set(a)
+            "grpo_dev.jsonl", "rag/qa.jsonl", "rag/qa_dev.jsonl", "refuse_dev.jsonl", "pairs_grounded.jsonl"} <= set(a)
     quiet = lambda *x: None  # noqa: E731
     data = {k: read_jsonl(str(tmp_path / "a" / k), kind, log=quiet, strict=True) for k, kind in [
         ("sft.jsonl", "sft"), ("sft_dev.jsonl", "sft"), ("pairs.jsonl", "pairs"), ("pairs_dev.jsonl", "pairs"),
         ("grpo.jsonl", "prompts"), ("grpo_dev.jsonl", "prompts"), ("rag/qa.jsonl", "qa"), ("rag/qa_dev.jsonl", "qa"),
-        ("refuse_dev.jsonl", "sft")]}
+        ("refuse_dev.jsonl", "sft"), ("pairs_grounded.jsonl", "pairs")]}
     for name in ("sft", "pairs", "grpo", "rag/qa"):  # disjoint splits, both non-empty
         train, dev = ({json.dumps(r, sort_keys=True) for r in data[f"{name}{s}.jsonl"]} for s in ("", "_dev"))
         assert train and dev and not train & dev, name
@@ -369,6 +369,10 @@ def test_demo_world_deterministic_and_sound(tmp_path):
     # preference pairs (train and dev) are about facts SFT teaches, each with a wrong reply
     pairs = data["pairs.jsonl"] + data["pairs_dev.jsonl"]
     assert all(p["chosen"] in train_answers and p["rejected"] != p["chosen"] for p in pairs)
+    # DPO's grounded pairs are SFT train retrieval chats, the cited answer chosen over "I don't know."
+    train_chats = {(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in data["sft.jsonl"]}
+    assert data["pairs_grounded.jsonl"] and all((p["prompt"][-1]["content"], p["chosen"]) in train_chats and
+                                               p["rejected"] in demo_world.DONT_KNOW for p in data["pairs_grounded.jsonl"])
     grounded = [r for r in data["sft.jsonl"] if r["messages"][0]["content"].startswith("Answer the question using")]
     assert grounded and all(r["messages"][-1]["content"].endswith("]") or r["messages"][-1]["content"] in
                             demo_world.DONT_KNOW for r in grounded)

@@ -339,8 +339,12 @@ def test_demo_world_retrieval_replies_copy_a_source_sentence():
     """Each answerable SFT retrieval chat (demo_world.py) replies with a sentence of one of its sources followed by
     that source's marker, exactly as the prompt lists it: answering and citing are one copy."""
     w = demo_world.World(seed=1, n_people=20, n_towns=4, n_rag=3)
-    train, dev = demo_world.rag_chats(w, n_people=6, n_dev=2)
+    train, dev, pairs = demo_world.rag_chats(w, n_people=6, n_dev=2)
     assert train and dev
+    # DPO's grounded pairs: every answerable train chat, its reply chosen over "I don't know.", no dev prompt
+    answerable = [c["messages"] for c in train if c["messages"][-1]["content"] not in demo_world.DONT_KNOW]
+    assert [(p["prompt"], p["chosen"]) for p in pairs] == [(m[0]["content"], m[1]["content"]) for m in answerable]
+    assert all(p["rejected"] == demo_world.DONT_KNOW[not p["chosen"].isascii()] for p in pairs)
     answered = 0
     for chat in train + dev:
         user, reply = (m["content"] for m in chat["messages"][-2:])
