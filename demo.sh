@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on the built-in demo world, on 2 CPU cores: 38 minutes in float32 (AVX2), about 16 with native bf16:
+# The whole pipeline on the built-in demo world, on 2 CPU cores: 47 minutes in float32 (AVX2), less with native bf16:
 #   prepare data + tokenizer -> pretrain -> SFT -> reward model -> DPO -> GRPO -> RAG -> a sample chat,
 # then report.md: one line per stage with its wall time and the metric that shows it worked.
 #
