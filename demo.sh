@@ -16,7 +16,7 @@ if [ "${QUICK:-0}" = 1 ]; then   # few steps per stage: checks the plumbing, not
   PT="--max_steps=120 --eval_interval=60 --warmup_steps=10 --sample_tokens=0 --compile=False"
   SFT="--max_steps=60 --eval_interval=30 --eval_answers=64"
   RM="--max_steps=40 --eval_interval=20"
-  DPO="--max_steps=30 --eval_interval=15 --eval_answers=64 --self_play=1"
+  DPO="--max_steps=30 --eval_interval=15 --eval_answers=64 --self_play=0"  # self-play: tests/test_dpo.py
   GRPO="--max_steps=6 --eval_interval=3"
   RAG="--limit=48"
 else
