@@ -6,8 +6,7 @@ People, their pets and towns with fixed facts (town, age, job, favourite colour 
 arithmetic, each stated many times in varied English and Chinese phrasings, so a model of a few million
 parameters learns them on a laptop CPU in minutes. It writes corpus/*.txt (pretraining text, reading documents
 among it), sft, pairs (with questions about strangers who appear nowhere else), grpo and rag/ files, each with
-a held-out *_dev split, refuse_dev.jsonl and pairs_grounded.jsonl; docs/data.md describes each file and how the
-splits are made.
+a held-out *_dev split, refuse_dev.jsonl and pairs_grounded.jsonl; docs/data.md describes them and the splits.
 Names are made of syllables with one Chinese character each (ka = 卡, mi = 米: Kami = 卡米), so names translate
 too. Chat answers use the first template of each list, so a stage can score a reply by exact match.
 """
